@@ -1,0 +1,125 @@
+"""Time MPI_Allreduce against the hand-written ring and tree all-reduces.
+
+    mpirun --allow-run-as-root --oversubscribe -n 4 python -m mpi4py bench_allreduce.py
+
+For each float32 buffer size (powers of 4 from --min-bytes to --max-bytes) every
+algorithm runs a few warmup calls, then --repeats timed calls, each after a Barrier.
+A call's time is the slowest rank's; the table shows the median over repeats.
+Rank 0 prints the table and writes results/allreduce_n{N}.json and
+figures/allreduce_n{N}.png.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from dist_sgd_serverless import ALLREDUCE  # noqa: E402
+
+WARMUP = 2
+
+
+def machine_name():
+    """CPU model and core count, for the figure title and the JSON."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} CPUs"
+
+
+def time_allreduce(fn, x, buf, comm, repeats):
+    """Median over repeats of the slowest rank's time for fn(buf, comm), in seconds."""
+    times = np.empty(repeats)
+    for i in range(WARMUP + repeats):
+        np.copyto(buf, x)  # same input every call, so the sums never overflow
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn(buf, comm)
+        if i >= WARMUP:
+            times[i - WARMUP] = time.perf_counter() - t0
+    comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
+    return float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # sizes and repeats
+    parser.add_argument("--min-bytes", type=int, default=1 << 10, help="smallest buffer")
+    parser.add_argument("--max-bytes", type=int, default=16 << 20, help="largest buffer")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per point")
+    # output
+    parser.add_argument("--results-dir", default="results", help="where the JSON goes")
+    parser.add_argument("--figures-dir", default="figures", help="where the PNG goes")
+    args = parser.parse_args()
+    assert 4 <= args.min_bytes <= args.max_bytes, "need 4 <= --min-bytes <= --max-bytes"
+    assert args.repeats >= 1, "--repeats must be at least 1"
+
+    comm = MPI.COMM_WORLD
+    rank, world_size = comm.Get_rank(), comm.Get_size()
+    is_root = rank == 0
+
+    def print0(*a, **kw):
+        if is_root:
+            print(*a, **kw, flush=True)
+
+    sizes = []
+    nbytes = args.min_bytes
+    while nbytes <= args.max_bytes:
+        sizes.append(nbytes)
+        nbytes *= 4
+    machine = machine_name()
+    print0(f"all-reduce of float32, N={world_size} ranks, {machine}, "
+           f"median of {args.repeats} after {WARMUP} warmup")
+    print0(f"{'size':>10} {'mpi ms':>9} {'ring ms':>9} {'tree ms':>9} {'ring/mpi':>9}")
+
+    rows = []
+    for nbytes in sizes:
+        x = np.random.default_rng(rank).random(nbytes // 4, dtype=np.float32)
+        buf = np.empty_like(x)
+        ms = {name: 1e3 * time_allreduce(fn, x, buf, comm, args.repeats)
+              for name, fn in ALLREDUCE.items()}
+        rows.append({"bytes": nbytes, **{f"{name}_ms": t for name, t in ms.items()}})
+        size = f"{nbytes >> 20} MB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KB"
+        print0(f"{size:>10} {ms['mpi']:9.3f} {ms['ring']:9.3f} {ms['tree']:9.3f} "
+               f"{ms['ring'] / ms['mpi']:9.2f}")
+
+    if is_root:
+        os.makedirs(args.results_dir, exist_ok=True)
+        os.makedirs(args.figures_dir, exist_ok=True)
+        json_path = os.path.join(args.results_dir, f"allreduce_n{world_size}.json")
+        with open(json_path, "w") as f:
+            json.dump({"n": world_size, "machine": machine, "repeats": args.repeats,
+                       "warmup": WARMUP,
+                       "command": f"mpirun -n {world_size} python {' '.join(sys.argv)}",
+                       "mpi": MPI.Get_library_version().rstrip("\x00").splitlines()[0],
+                       "rows": rows},
+                      f, indent=1)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in ALLREDUCE:
+            ax.loglog(sizes, [r[f"{name}_ms"] for r in rows], marker="o", label=name)
+        ax.set_xlabel("buffer size (bytes, float32)")
+        ax.set_ylabel("time per all-reduce (ms, median)")
+        ax.set_title(f"all-reduce, N={world_size} ranks\n{machine}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        png_path = os.path.join(args.figures_dir, f"allreduce_n{world_size}.png")
+        fig.savefig(png_path, dpi=120)
+        print0(f"wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Launch a script under mpirun from a test, the way mpi4py's own test suite does."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mpirun(n, *args, timeout=120, env=None, mca=None):
+    """Run `mpirun -n n python *args` from the repo root and return the CompletedProcess.
+
+    Root and oversubscribe flags are always passed, since tests run as root on 2 cores.
+    `mca` adds `--mca KEY VALUE` pairs, e.g. {"btl": "tcp,self"} for the network path.
+    A hang becomes a test failure after `timeout` seconds instead of a stuck CI run.
+    """
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(n)]
+    for key, value in (mca or {}).items():
+        cmd += ["--mca", key, str(value)]
+    cmd += [sys.executable, *map(str, args)]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"`{' '.join(cmd)}` did not finish in {timeout} s:\n"
+                             f"{e.stdout}\n{e.stderr}") from None
+
+
+def python(*args, timeout=120, env=None):
+    """Run `python *args` from the repo root, without mpirun."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc):
+    """Assert a finished run exited 0, showing its output if not."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    return proc

@@ -1,0 +1,29 @@
+"""The hand-written ring and tree all-reduces match MPI_Allreduce and their cost formulas.
+
+    pytest -q tests/test_allreduce.py
+"""
+import json
+
+import pytest
+
+from mpi import check, mpirun
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_allreduce_matches_mpi(n):
+    # One launch per N; the worker loops over the sizes (1, N-1, N, N+1, 3001) itself.
+    proc = check(mpirun(n, "-m", "mpi4py", "tests/allreduce_check.py", timeout=60))
+    assert f"allreduce OK: N={n}" in proc.stdout, proc.stdout
+
+
+def test_bench_writes_json_and_png(tmp_path):
+    proc = check(mpirun(2, "-m", "mpi4py", "bench_allreduce.py",
+                        "--min-bytes", 1024, "--max-bytes", 4096, "--repeats", 2,
+                        "--results-dir", tmp_path, "--figures-dir", tmp_path, timeout=60))
+    assert "ring/mpi" in proc.stdout, proc.stdout
+    with open(tmp_path / "allreduce_n2.json") as f:
+        result = json.load(f)
+    assert result["n"] == 2
+    assert [row["bytes"] for row in result["rows"]] == [1024, 4096]
+    assert all(row[f"{name}_ms"] > 0 for row in result["rows"] for name in ("mpi", "ring", "tree"))
+    assert (tmp_path / "allreduce_n2.png").stat().st_size > 0

@@ -1,0 +1,375 @@
+"""What all four scripts share: flags, setup, data, model, batching, splits, evaluation, logging.
+
+Communication is deliberately NOT here: each script shows its own pattern (all-reduce,
+gather to a server, FedAvg weighting) so that a reader sees it without jumping files.
+This module imports no MPI, so that `python cent_sgd.py` works before mpi4py is installed.
+"""
+import argparse
+import json
+import os
+import pickle
+import platform
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The launcher tells each process its rank before MPI is initialised; reading it here
+# lets argument errors and logs come from rank 0 only, with no MPI import in this file.
+RANK = int(next((os.environ[k] for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+                 if k in os.environ), 0))
+LOCAL_SIZE = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("MPI_LOCALNRANKS", 1)))
+LOCAL_RANK = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", 0)))
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def print0(*args, **kwargs):
+    """print() from rank 0 only, flushed so mpirun shows lines as they happen."""
+    if RANK == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def abort_on_exception(comm):
+    """If this rank raises, print its traceback and end every rank with MPI_Abort.
+
+    Without it the other ranks would wait forever in their next collective: a hang.
+    (`python -m mpi4py script.py` does the same; this works with plain `python` too.)
+    """
+    def hook(kind, value, tb):
+        sys.__excepthook__(kind, value, tb)
+        sys.stderr.flush()
+        comm.Abort(1)
+    if comm.Get_size() > 1:
+        sys.excepthook = hook
+
+
+def fail(message, code=2):
+    """Exit with one line on stderr. Call it on every rank at the same point: rank 0 prints."""
+    if RANK == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------- flags
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are printed once, by rank 0, instead of once per rank."""
+
+    def error(self, message):
+        if RANK == 0:
+            self.print_usage(sys.stderr)
+        fail(message)
+
+
+def positive(kind):
+    """An argparse type that refuses zero and negative values with a clear message."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def get_parser(description, *, epochs, batch_size, lr, batch_help="samples per step"):
+    """The flags every script shares, with per-script defaults. Scripts add their own."""
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # optimization
+    p.add_argument("--epochs", type=positive(int), default=epochs, help="passes over the training set")
+    p.add_argument("--batch-size", type=positive(int), default=batch_size, help=batch_help)
+    p.add_argument("--lr", type=positive(float), default=lr, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum; 0 for plain SGD")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty")
+    p.add_argument("--warmup", type=float, default=0.2, help="fraction of steps spent ramping the lr up")
+    p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and augmentation")
+    # data
+    p.add_argument("--dataset", choices=("cifar10", "synthetic"), default="cifar10",
+                   help="synthetic: small, CIFAR-shaped and learnable; needs no download")
+    p.add_argument("--data-dir", default="data", help="holds (or receives) cifar-10-batches-py/")
+    # system
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
+    p.add_argument("--results", default=None, help="results JSON path (default: results/<script>.json)")
+    p.add_argument("--save-model", default=None, metavar="PATH", help="save the final flat parameters (torch.save)")
+    p.add_argument("--max-steps", type=positive(int), default=None,
+                   help="stop after this many optimizer steps (tests, quick looks)")
+    return p
+
+
+def check_args(args):
+    """Invariants argparse cannot express; every rank runs this, so all exit together."""
+    if not 0 <= args.momentum < 1:
+        fail(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.weight_decay < 0:
+        fail(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.warmup < 1:
+        fail(f"--warmup must be in [0, 1), got {args.warmup}")
+
+
+# ----------------------------------------------------------------------------- setup
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(name="auto"):
+    """Pick the device; with several ranks on one machine, rank i takes GPU i mod #GPUs."""
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for, but torch sees no CUDA device")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", LOCAL_RANK % torch.cuda.device_count())
+
+
+def set_threads(device):
+    """Give each rank its share of the cores, so ranks x threads <= cores (no oversubscription).
+
+    mpirun may already have bound this rank to some cores; the affinity mask says how many.
+    """
+    if device.type == "cpu":
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(max(1, cores // LOCAL_SIZE) if cores == os.cpu_count() else cores)
+    return torch.get_num_threads()
+
+
+def sync(device):
+    """Wait for queued GPU work, so that a timer or an MPI call sees finished results."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_data(args, device, comm=None):
+    """Return ((x_train, y_train), (x_test, y_test)): uint8 images N x 3 x 32 x 32 and int64
+    labels, all on `device`. Uint8 keeps CIFAR-10 at 180 MB per rank instead of 740 MB of float32.
+
+    Under MPI pass `comm`: only rank 0 downloads, and the others learn from it whether it worked.
+    """
+    if args.dataset == "synthetic":
+        train, test = make_synthetic(seed=1234)
+    else:
+        train, test = load_cifar10(args.data_dir, comm)
+    return tuple((x.to(device), y.to(device)) for x, y in (train, test))
+
+
+def load_cifar10(data_dir, comm=None):
+    """Read cifar-10-batches-py/ directly; download it with torchvision when it is absent.
+
+    Direct reading also accepts copies that torchvision's md5 check would reject
+    (such as one rebuilt from JPEGs), and skips torchvision's per-image PIL objects.
+    """
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    if not os.path.isdir(folder):
+        error = download_cifar10(data_dir) if RANK == 0 else None
+        if comm is not None:
+            error = comm.bcast(error, root=0)  # a small control message: pickling is fine
+        if error:
+            fail(f"CIFAR-10 is not in {folder} and downloading it failed ({error}). Put the "
+                 f"python-version batches there (see README), or run with --dataset synthetic")
+
+    def read(name):
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            x = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            return x, torch.tensor(batch["labels"], dtype=torch.int64)
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+            fail(f"cannot read {path} ({type(e).__name__}: {e}); delete {folder} and fetch it again")
+
+    train = [read(f"data_batch_{i}") for i in range(1, 6)]
+    return (torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])), read("test_batch")
+
+
+def download_cifar10(data_dir):
+    """Download with torchvision; return None on success, else a short reason."""
+    try:
+        import torchvision
+        torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+        return None
+    except Exception as e:  # offline, DNS, disk full, ...: all end in the same advice
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
+def make_synthetic(seed, n_train=5000, n_test=1000, num_classes=10):
+    """A small CIFAR-shaped dataset a CNN can learn in an epoch or two.
+
+    Each class owns a smooth random colour pattern (left-right symmetric, so flips keep
+    the label); a sample is its class pattern at a random contrast plus pixel noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32, mode="bilinear")
+    patterns = (patterns + patterns.flip(-1)) / 2
+
+    def sample(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        contrast = 0.5 + torch.rand(n, 1, 1, 1, generator=g)
+        x = 0.5 + contrast * (patterns[y] - 0.5) + 0.25 * torch.randn(n, 3, 32, 32, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    return sample(n_train), sample(n_test)
+
+
+def normalize(x_uint8, flip=None):
+    """uint8 batch -> normalized float32 batch, channels-last; `flip` is a bool mask of images to mirror."""
+    x = x_uint8.float().div_(255)
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    mean = torch.tensor(CIFAR10_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(CIFAR10_STD, device=x.device)[:, None, None]
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def epoch_order(n, seed, epoch):
+    """This epoch's sample order and flip decisions: the same on every rank and in every script.
+
+    Global batch k is order[k*B:(k+1)*B]. Rank r of N takes the strided share
+    order[k*B + r:(k+1)*B:N], so the N ranks together see exactly centralized batch k,
+    with the same flips; that is what makes data-parallel SGD equal centralized SGD.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5
+
+
+def batches(order, flips, global_batch, rank=0, world_size=1):
+    """Yield (indices, flip mask) of this rank's share of each full global batch.
+
+    The last partial global batch is dropped: each epoch's order differs, so no sample is
+    left out for good, and every step has the same size on every rank.
+    """
+    for k in range(len(order) // global_batch):
+        s = slice(k * global_batch + rank, (k + 1) * global_batch, world_size)
+        yield order[s], flips[s]
+
+
+def lr_at(step, total_steps, peak_lr, warmup=0.2):
+    """One-cycle schedule: linear ramp from 0 to peak over `warmup` of the steps, then linear to 0."""
+    t = step / max(1, total_steps)
+    return peak_lr * (t / warmup if t < warmup else (1 - t) / (1 - warmup))
+
+
+# ----------------------------------------------------------------------------- model
+
+class Net(nn.Module):
+    """A small CIFAR-10 CNN (~114k parameters) with no BatchNorm.
+
+    Without BatchNorm a sample's gradient depends on no other sample in its batch, so
+    averaging the gradients of N shards of a batch gives exactly the gradient of the
+    whole batch: data-parallel SGD then equals centralized SGD, which tests check.
+    """
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
+        self.fc = nn.Linear(128 * 4 * 4, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)   # 32 -> 16
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)   # 16 -> 8
+        x = F.max_pool2d(F.relu(self.conv3(x)), 2)   # 8 -> 4
+        return self.fc(torch.flatten(x, 1))
+
+
+def make_model(device, seed):
+    """The same seed gives the same initial weights on every rank and in every script."""
+    torch.manual_seed(seed)
+    return Net().to(device, memory_format=torch.channels_last)
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameters_vector(model):
+    """All weights as one vector in logical (NCHW) order, whatever each tensor's memory layout:
+    what --save-model writes, so that models from different scripts compare element by element."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
+
+
+def flatten_parameters(model):
+    """Make every parameter and its .grad views into two flat float32 buffers; return both.
+
+    Then one MPI call moves all gradients (or all weights) with no packing copy, as
+    PyTorch DDP does with gradient_as_bucket_view. Backward accumulates into .grad in
+    place, so the views persist; zero the flat gradient, do not set grads to None.
+    """
+    params = list(model.parameters())
+    device = params[0].device
+    n = sum(p.numel() for p in params)
+    flat_params = torch.empty(n, dtype=torch.float32, device=device)
+    flat_grads = torch.zeros(n, dtype=torch.float32, device=device)
+    offset = 0
+    for p in params:
+        k = p.numel()
+        # keep each tensor's memory format (channels-last convs) by viewing through its strides
+        view = flat_params[offset:offset + k].as_strided(p.shape, p.stride())
+        view.copy_(p.data)
+        p.data = view
+        p.grad = flat_grads[offset:offset + k].as_strided(p.shape, p.stride())
+        offset += k
+    return flat_params, flat_grads
+
+
+# ----------------------------------------------------------------------------- train / eval
+
+def train_step(model, x, y, flip):
+    """Forward and backward on one batch (or one rank's share of it); returns its mean loss."""
+    loss = F.cross_entropy(model(normalize(x, flip)), y)
+    loss.backward()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size=1000):
+    """Summed loss and number correct over (x, y); sums, so that ranks can add them up."""
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    for i in range(0, len(x), batch_size):
+        logits = model(normalize(x[i:i + batch_size]))
+        loss_sum += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y[i:i + batch_size]).sum()
+    model.train()
+    return loss_sum.item(), correct.item()
+
+
+# ----------------------------------------------------------------------------- results
+
+def results_path(args, script):
+    return args.results or os.path.join("results", f"{os.path.splitext(os.path.basename(script))[0]}.json")
+
+
+def save_results(path, results):
+    """Write the run's record (config, metrics, timings, hardware) as JSON, atomically."""
+    results = dict(results, hardware=hardware(), torch=torch.__version__,
+                   finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def hardware():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
