@@ -1,0 +1,62 @@
+"""cent_sgd.py end to end on synthetic data, and its refusals of bad input."""
+import json
+import re
+
+import pytest
+import torch
+
+from mpi import check, python
+
+
+def test_learns_on_synthetic_data(tmp_path):
+    results = tmp_path / "cent.json"
+    proc = check(python("cent_sgd.py", "--dataset", "synthetic", "--epochs", 2,
+                        "--results", results, "--save-model", tmp_path / "model.pt"))
+    lines = proc.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("epoch ")]) == 2
+    final = re.fullmatch(r"Final test accuracy: (\d+\.\d\d)%", lines[-1])
+    assert final, lines[-1]
+    assert float(final.group(1)) > 60, "10 classes: chance is 10%"
+    record = json.loads(results.read_text())
+    assert record["final_test_acc"] == pytest.approx(float(final.group(1)), abs=0.01)
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert record["history"][1]["train_loss"] < record["history"][0]["train_loss"]
+    assert torch.load(tmp_path / "model.pt").numel() == record["params"]
+
+
+def test_max_steps_stops_early(tmp_path):
+    proc = check(python("cent_sgd.py", "--dataset", "synthetic", "--max-steps", 3,
+                        "--results", tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text())["steps"] == 3
+    assert proc.stdout.count("\nepoch ") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "imagenet"], "invalid choice"),
+    (["--epochs", "0"], "must be > 0"),
+    (["--batch-size", "-8"], "must be > 0"),
+    (["--lr", "0"], "must be > 0"),
+    (["--lr", "fast"], "expected a positive float"),
+    (["--momentum", "1.5"], "--momentum"),
+    (["--dataset", "synthetic", "--batch-size", "100000"], "larger than"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    proc = python("cent_sgd.py", *args, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def test_missing_data_offline_fails_cleanly(tmp_path):
+    # No CIFAR-10 folder and a download that cannot succeed (no such host): one clear line.
+    proc = python("cent_sgd.py", "--data-dir", tmp_path, timeout=120,
+                  env={"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--dataset synthetic" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_refused():
+    proc = python("cent_sgd.py", "--dataset", "synthetic", "--device", "cuda", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no CUDA device" in proc.stderr

@@ -1,0 +1,71 @@
+"""dist_sgd_serverless.py: equals centralized SGD, learns, and never hangs."""
+import json
+import re
+import time
+
+import pytest
+import torch
+
+from mpi import check, mpirun, python
+
+QUICK = ["--dataset", "synthetic", "--momentum", "0", "--lr", "0.05", "--max-steps", "4"]
+B = 16  # per-rank batch
+
+
+@pytest.fixture(scope="module")
+def centralized(tmp_path_factory):
+    """Parameters of cent_sgd.py after 4 steps, per global batch size."""
+    out = {}
+    folder = tmp_path_factory.mktemp("cent")
+    for n in (1, 2, 4):
+        path = folder / f"b{n * B}.pt"
+        check(python("cent_sgd.py", *QUICK, "--batch-size", n * B, "--save-model", path,
+                     "--results", folder / "r.json"))
+        out[n] = torch.load(path)
+    return out
+
+
+@pytest.mark.parametrize("n, allreduce", [(1, "mpi"), (2, "mpi"), (2, "ring"), (2, "tree"),
+                                          (4, "mpi"), (4, "ring"), (4, "tree")])
+def test_equals_centralized_sgd_on_the_global_batch(n, allreduce, centralized, tmp_path):
+    path = tmp_path / "model.pt"
+    check(mpirun(n, "dist_sgd_serverless.py", *QUICK, "--batch-size", B, "--allreduce", allreduce,
+                 "--save-model", path, "--results", tmp_path / "r.json"))
+    dist, cent = torch.load(path), centralized[n]
+    # float32 sums in another order differ by ~1e-7 relative; a wrong sample or scale by far more
+    assert (dist - cent).abs().max() < 2e-5
+    # the control: centralized SGD on another global batch size is measurably different
+    other = centralized[2 if n != 2 else 4]
+    assert (dist - other).abs().max() > 1e-3
+
+
+def test_learns_and_reports(tmp_path):
+    results = tmp_path / "r.json"
+    proc = check(mpirun(2, "dist_sgd_serverless.py", "--dataset", "synthetic", "--epochs", 2,
+                        "--allreduce", "ring", "--results", results))
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all(re.search(r"\| comm +\d+\.\d\d s$", line) for line in epoch_lines)
+    acc = float(re.search(r"^Final test accuracy: (\d+\.\d\d)%$", proc.stdout, re.M).group(1))
+    assert acc > 60
+    record = json.loads(results.read_text())
+    assert record["world_size"] == 2 and record["global_batch"] == 128
+    # ring at N=2: each step every rank sends and receives P floats (half a buffer, twice)
+    p, steps = record["params"], record["steps"]
+    assert record["bytes_per_rank"] == [{"bytes_sent": 4 * p * steps, "bytes_recv": 4 * p * steps}] * 2
+
+
+def test_unknown_allreduce_is_refused_once():
+    proc = mpirun(2, "dist_sgd_serverless.py", "--allreduce", "butterfly", timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("error:") == 1 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_a_failing_rank_ends_the_job(rank):
+    # rank `rank` raises in its 3rd training step; the others would wait in the all-reduce forever
+    t0 = time.perf_counter()
+    proc = mpirun(3, "tests/inject_failure.py", rank, 3, "train_step", "dist_sgd_serverless.py",
+                  "--dataset", "synthetic", timeout=60)
+    assert proc.returncode != 0
+    assert f"injected fault in utils.train_step, call 3, rank {rank}" in proc.stderr
+    assert time.perf_counter() - t0 < 30
