@@ -8,10 +8,8 @@ A call's time is the slowest rank's; the table shows the median over repeats.
 Rank 0 prints the table and writes results/allreduce_n{N}.json and
 figures/allreduce_n{N}.png.
 """
-import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -21,21 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
+import utils  # noqa: E402
 from dist_sgd_serverless import ALLREDUCE  # noqa: E402
 
 WARMUP = 2
-
-
-def machine_name():
-    """CPU model and core count, for the figure title and the JSON."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} CPUs"
 
 
 def time_allreduce(fn, x, buf, comm, repeats):
@@ -53,8 +40,8 @@ def time_allreduce(fn, x, buf, comm, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = utils.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=utils.HelpFormatter)
     # sizes and repeats
     parser.add_argument("--min-bytes", type=int, default=1 << 10, help="smallest buffer")
     parser.add_argument("--max-bytes", type=int, default=16 << 20, help="largest buffer")
@@ -63,26 +50,23 @@ def main():
     parser.add_argument("--results-dir", default="results", help="where the JSON goes")
     parser.add_argument("--figures-dir", default="figures", help="where the PNG goes")
     args = parser.parse_args()
-    assert 4 <= args.min_bytes <= args.max_bytes, "need 4 <= --min-bytes <= --max-bytes"
-    assert args.repeats >= 1, "--repeats must be at least 1"
+    if not 4 <= args.min_bytes <= args.max_bytes or args.repeats < 1:
+        parser.error("need 4 <= --min-bytes <= --max-bytes and --repeats >= 1")
 
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
     is_root = rank == 0
-
-    def print0(*a, **kw):
-        if is_root:
-            print(*a, **kw, flush=True)
 
     sizes = []
     nbytes = args.min_bytes
     while nbytes <= args.max_bytes:
         sizes.append(nbytes)
         nbytes *= 4
-    machine = machine_name()
-    print0(f"all-reduce of float32, N={world_size} ranks, {machine}, "
+    hw = utils.hardware()
+    machine = f"{hw['cpu']}, {hw['cores']} CPUs"
+    utils.print0(f"all-reduce of float32, N={world_size} ranks, {machine}, "
            f"median of {args.repeats} after {WARMUP} warmup")
-    print0(f"{'size':>10} {'mpi ms':>9} {'ring ms':>9} {'tree ms':>9} {'ring/mpi':>9}")
+    utils.print0(f"{'size':>10} {'mpi ms':>9} {'ring ms':>9} {'tree ms':>9} {'ring/mpi':>9}")
 
     rows = []
     for nbytes in sizes:
@@ -92,7 +76,7 @@ def main():
               for name, fn in ALLREDUCE.items()}
         rows.append({"bytes": nbytes, **{f"{name}_ms": t for name, t in ms.items()}})
         size = f"{nbytes >> 20} MB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KB"
-        print0(f"{size:>10} {ms['mpi']:9.3f} {ms['ring']:9.3f} {ms['tree']:9.3f} "
+        utils.print0(f"{size:>10} {ms['mpi']:9.3f} {ms['ring']:9.3f} {ms['tree']:9.3f} "
                f"{ms['ring'] / ms['mpi']:9.2f}")
 
     if is_root:
@@ -118,7 +102,7 @@ def main():
         fig.tight_layout()
         png_path = os.path.join(args.figures_dir, f"allreduce_n{world_size}.png")
         fig.savefig(png_path, dpi=120)
-        print0(f"wrote {json_path} and {png_path}")
+        utils.print0(f"wrote {json_path} and {png_path}")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def main():
     parser = utils.get_parser(__doc__.splitlines()[0], epochs=8, batch_size=64, lr=None,
                               batch_help="samples per rank per step; the global batch is N x this")
     parser.add_argument("--allreduce", choices=tuple(ALLREDUCE), default="mpi",
-                        help="mpi: MPI_Allreduce; ring, tree: the hand-written ones above")
+                        help="mpi: MPI_Allreduce; ring, tree: written here from point-to-point calls")
     args = parser.parse_args()
     utils.check_args(args)
     global_batch = world_size * args.batch_size
@@ -155,36 +155,31 @@ def main():
     flat_params, flat_grads = utils.flatten_parameters(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 nesterov=args.momentum > 0, weight_decay=args.weight_decay)
-    # What MPI reads and writes. On the CPU: numpy views of the same memory, no copy. On a
-    # GPU: pinned host copies, unless MPI itself can read device memory (CUDA-aware).
-    cuda_aware = device.type == "cuda" and args.allreduce == "mpi" and MPI.Query_cuda_support()
-    if device.type == "cpu" or cuda_aware:
-        param_buf, grad_buf = flat_params, flat_grads
-    else:
-        param_buf, grad_buf = (torch.empty(len(flat_params), pin_memory=True) for _ in range(2))
-    def to_mpi(t):  # mpi4py takes numpy arrays, and CUDA tensors through __cuda_array_interface__
-        return t.numpy() if t.device.type == "cpu" else t
+    # What MPI reads and writes: on the CPU the flat buffers themselves; on a GPU, pinned
+    # host copies, unless MPI can read device memory (CUDA-aware; only MPI_Allreduce can).
+    cuda_aware = device.type == "cuda" and args.allreduce == "mpi" and utils.mpi_is_cuda_aware()
+    param_buf = utils.mpi_staging(flat_params, cuda_aware)
+    grad_buf = utils.mpi_staging(flat_grads, cuda_aware)
 
-    # All replicas start from rank 0's weights (seeding alone would also do, but this
-    # also holds when a rank's RNG differs, e.g. another torch build).
-    if param_buf is not flat_params:
+    def broadcast_parameters_():
+        """Every replica starts from rank 0's weights. Seeding alone would also do here,
+        but this holds even when ranks' RNGs differ (another torch build, another GPU)."""
         param_buf.copy_(flat_params)
-    comm.Bcast(to_mpi(param_buf), root=0)
-    if param_buf is not flat_params:
+        comm.Bcast(utils.as_mpi_buffer(param_buf), root=0)
         flat_params.copy_(param_buf)
 
     allreduce_ = ALLREDUCE[args.allreduce]
 
-    def average_gradients():
+    def average_gradients_():
         """Sum the flat gradient over ranks, then divide: every rank gets the global mean."""
         utils.sync(device)
-        if grad_buf is not flat_grads:
-            grad_buf.copy_(flat_grads)
-        stats = allreduce_(to_mpi(grad_buf), comm)
-        if grad_buf is not flat_grads:
-            flat_grads.copy_(grad_buf)
+        grad_buf.copy_(flat_grads)  # a no-op when grad_buf is flat_grads (CPU)
+        stats = allreduce_(utils.as_mpi_buffer(grad_buf), comm)
+        flat_grads.copy_(grad_buf)
         flat_grads.div_(world_size)
         return stats
+
+    broadcast_parameters_()
 
     utils.print0(f"dist_sgd_serverless | {world_size} ranks, allreduce={args.allreduce} | "
                  f"{args.dataset}: {len(x_train)} train | {utils.num_params(model):,} params | "
@@ -209,7 +204,7 @@ def main():
             flat_grads.zero_()
             loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
             tc = time.perf_counter()
-            stats = average_gradients()
+            stats = average_gradients_()
             comm_time += time.perf_counter() - tc
             sent += stats["bytes_sent"] or 0
             received += stats["bytes_recv"] or 0

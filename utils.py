@@ -59,6 +59,13 @@ def fail(message, code=2):
 
 # ----------------------------------------------------------------------------- flags
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" in --help, except where the default is None and the help says what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are printed once, by rank 0, instead of once per rank."""
 
@@ -81,13 +88,17 @@ def positive(kind):
     return parse
 
 
-def get_parser(description, *, epochs, batch_size, lr, batch_help="samples per step"):
-    """The flags every script shares, with per-script defaults. Scripts add their own."""
-    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_parser(description, *, epochs, batch_size, lr, batch_help="samples per step",
+               max_steps_help="stop after this many optimizer steps (tests, quick looks)"):
+    """The flags every script shares, with per-script defaults. Scripts add their own.
+    epochs=None leaves --epochs out (FedAvg counts rounds instead)."""
+    p = ArgumentParser(description=description, formatter_class=HelpFormatter)
     # optimization
-    p.add_argument("--epochs", type=positive(int), default=epochs, help="passes over the training set")
+    if epochs is not None:
+        p.add_argument("--epochs", type=positive(int), default=epochs, help="passes over the training set")
     p.add_argument("--batch-size", type=positive(int), default=batch_size, help=batch_help)
-    p.add_argument("--lr", type=positive(float), default=lr, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--lr", type=positive(float), default=lr, help="peak learning rate of the one-cycle schedule" + (
+        "; default: 0.05 x sqrt(global batch / 64), cent_sgd.py's lr scaled with the batch" if lr is None else ""))
     p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum; 0 for plain SGD")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty")
     p.add_argument("--warmup", type=float, default=0.2, help="fraction of steps spent ramping the lr up")
@@ -98,10 +109,9 @@ def get_parser(description, *, epochs, batch_size, lr, batch_help="samples per s
     p.add_argument("--data-dir", default="data", help="holds (or receives) cifar-10-batches-py/")
     # system
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
-    p.add_argument("--results", default=None, help="results JSON path (default: results/<script>.json)")
-    p.add_argument("--save-model", default=None, metavar="PATH", help="save the final flat parameters (torch.save)")
-    p.add_argument("--max-steps", type=positive(int), default=None,
-                   help="stop after this many optimizer steps (tests, quick looks)")
+    p.add_argument("--results", default=None, help="results JSON path; default: results/<script>.json")
+    p.add_argument("--save-model", default=None, metavar="PATH", help="save the final weights, one vector in parameter order (torch.save)")
+    p.add_argument("--max-steps", type=positive(int), default=None, help=max_steps_help)
     return p
 
 
@@ -147,6 +157,37 @@ def sync(device):
     """Wait for queued GPU work, so that a timer or an MPI call sees finished results."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def mpi_is_cuda_aware():
+    """True if the MPI library can read GPU memory itself (Open MPI's MPIX_Query_cuda_support).
+
+    mpi4py does not wrap that Open MPI extension, so look it up in the loaded library;
+    other MPIs lack the symbol, and then we stage through host memory to be safe.
+    """
+    import ctypes
+    from mpi4py import MPI
+    try:
+        return bool(ctypes.CDLL(MPI.__file__).MPIX_Query_cuda_support())
+    except (AttributeError, OSError):
+        return False
+
+
+def mpi_staging(flat, cuda_aware):
+    """The buffer MPI should read and write for the device tensor `flat`.
+
+    On the CPU that is `flat` itself; on a GPU, a pinned host copy of it unless the MPI
+    is CUDA-aware. The caller copies into and out of it around each MPI call.
+    """
+    if flat.device.type == "cpu" or cuda_aware:
+        return flat
+    return torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+
+
+def as_mpi_buffer(t):
+    """A view of tensor `t` that mpi4py's uppercase calls accept, without copying:
+    a numpy array on the CPU, the tensor itself on a GPU (via __cuda_array_interface__)."""
+    return t.numpy() if t.device.type == "cpu" else t
 
 
 # ----------------------------------------------------------------------------- data
@@ -373,3 +414,113 @@ def hardware():
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
+
+
+# ----------------------------------------------------------------------------- client splits (FedAvg)
+
+SPLIT_METHODS = ("iid", "non-iid")
+
+
+def split_indices(labels, num_clients, method, seed, alpha=None):
+    """Deal the training indices out to clients: a list of `num_clients` sorted int64 tensors.
+
+    Every index goes to exactly one client, every client gets at least one, and the same
+    (labels, num_clients, method, seed, alpha) always gives the same split.
+      iid                a seeded shuffle cut into near-equal parts (sizes differ by at most 1).
+      non-iid            label skew, the "pathological" split of McMahan et al. 2017: sort by
+                         label, cut into 2 x num_clients equal shards, deal each client 2 random
+                         shards. A client sees 2 classes when shards align with classes (10
+                         classes, 5 clients), up to 4 when a shard straddles two (4 clients).
+      non-iid, alpha=a   Dirichlet label skew (Hsu et al. 2019): each class is divided among the
+                         clients in proportions drawn from Dirichlet(a, ..., a). Small a (0.1):
+                         few classes per client and unequal sizes; large a (1000): nearly iid.
+    Raises ValueError, with a message for the user, when the request cannot be met.
+    """
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"unknown split method {method!r}; choose from {', '.join(SPLIT_METHODS)}")
+    if alpha is not None and method != "non-iid":
+        raise ValueError(f"alpha (a Dirichlet split) applies only to the non-iid split, not {method}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    y = torch.as_tensor(labels).cpu().numpy()
+    needed = 2 * num_clients if method == "non-iid" and alpha is None else num_clients
+    if not 1 <= needed <= len(y):
+        raise ValueError(f"cannot split {len(y)} samples into {needed} non-empty "
+                         f"{'shards' if needed > num_clients else 'parts'} for {num_clients} clients")
+    rng = np.random.default_rng(seed)
+
+    if method == "iid":
+        parts = np.array_split(rng.permutation(len(y)), num_clients)
+    elif alpha is None:
+        order = rng.permutation(len(y))
+        order = order[np.argsort(y[order], kind="stable")]  # sorted by label, random within a label
+        shards = np.array_split(order, 2 * num_clients)
+        deal = rng.permutation(2 * num_clients)
+        parts = [np.concatenate([shards[deal[2 * i]], shards[deal[2 * i + 1]]]) for i in range(num_clients)]
+    else:
+        pieces = [[] for _ in range(num_clients)]
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients))[:-1] * len(idx)).astype(int)
+            for client, piece in enumerate(np.split(idx, cuts)):
+                pieces[client].append(piece)
+        parts = [np.concatenate(p) for p in pieces]
+        # Small alpha can leave a client with nothing: it takes one sample from the largest.
+        for i in range(num_clients):
+            if len(parts[i]) == 0:
+                j = max(range(num_clients), key=lambda k: len(parts[k]))
+                parts[i], parts[j] = parts[j][-1:], parts[j][:-1]
+    return [torch.from_numpy(np.sort(p)) for p in parts]
+
+
+def plot_split(labels, parts, title, path):
+    """Save a stacked bar chart of each client's class counts to `path` (a PNG).
+
+    Uses matplotlib's Figure directly, which renders with Agg and never touches pyplot's
+    global backend, so it is safe in scripts, tests and notebooks alike; imported here so
+    that importing utils stays fast.
+    """
+    from matplotlib.figure import Figure
+
+    labels = torch.as_tensor(labels).cpu()
+    counts = torch.stack([torch.bincount(labels[p.cpu()], minlength=len(CLASSES)) for p in parts]).numpy()
+    clients = np.arange(len(parts))
+    fig = Figure(figsize=(min(16, 4 + 0.4 * len(parts)), 4.5))
+    ax = fig.subplots()
+    bottom = np.zeros(len(parts))
+    for c, name in enumerate(CLASSES):
+        bars = ax.bar(clients, counts[:, c], bottom=bottom, width=0.8, color=f"C{c}", label=name)
+        bottom += counts[:, c]
+    if len(parts) <= 20:  # total on top of each bar, while there is room for it
+        ax.bar_label(bars, labels=[f"{int(t)}" for t in bottom], fontsize=8)
+    ax.set_xticks(clients if len(parts) <= 20 else clients[::max(1, len(parts) // 20)])
+    ax.set_ylim(0, 1.1 * bottom.max())  # headroom for the totals
+    ax.set_xlabel("client")
+    ax.set_ylabel("training samples")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="class")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def client_seed(seed, round_, client):
+    """The seed of one client's data order in one round, a stream of its own.
+
+    numpy's SeedSequence mixes the three numbers, so that nearby keys, such as
+    (0, 1, 2) and (0, 2, 1), give unrelated streams. All three must be >= 0.
+    """
+    return int(np.random.SeedSequence([seed, round_, client]).generate_state(1)[0])
+
+
+def client_batches(shard, batch_size, epochs, seed):
+    """Yield (indices, flip mask) for `epochs` passes over a client's `shard` of indices.
+
+    Each pass is a fresh seeded permutation of the shard, cut into full batches the way
+    `batches` cuts the global order. A shard smaller than a batch is a single batch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = shard[torch.randperm(len(shard), generator=g).to(shard.device)]
+        flips = (torch.rand(len(shard), generator=g) < 0.5).to(shard.device)
+        yield from batches(order, flips, min(batch_size, len(shard)))

@@ -1,5 +1,6 @@
 """Launch a script under mpirun from a test, the way mpi4py's own test suite does."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,20 +18,27 @@ def mpirun(n, *args, timeout=120, env=None, mca=None):
     for key, value in (mca or {}).items():
         cmd += ["--mca", key, str(value)]
     cmd += [sys.executable, *map(str, args)]
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    try:
-        return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"`{' '.join(cmd)}` did not finish in {timeout} s:\n"
-                             f"{e.stdout}\n{e.stderr}") from None
+    return run(cmd, timeout, env)
 
 
 def python(*args, timeout=120, env=None):
     """Run `python *args` from the repo root, without mpirun."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run([sys.executable, *map(str, args)], timeout, env)
+
+
+def run(cmd, timeout, env):
+    """Run cmd in its own process group, so that a timeout kills the ranks too, not just
+    mpirun: otherwise the ranks keep the output pipes open and the test waits for them."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"`{' '.join(cmd)}` did not finish in {timeout} s:\n{stdout}\n{stderr}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def check(proc):
