@@ -206,8 +206,9 @@ def main():
             tc = time.perf_counter()
             stats = average_gradients_()
             comm_time += time.perf_counter() - tc
-            sent += stats["bytes_sent"] or 0
-            received += stats["bytes_recv"] or 0
+            if stats["bytes_sent"] is not None:  # MPI_Allreduce does not say what it moved
+                sent += stats["bytes_sent"]
+                received += stats["bytes_recv"]
             optimizer.step()
             step += 1
             n_steps += 1
@@ -235,7 +236,9 @@ def main():
     wall = time.perf_counter() - t_start
     # The replicas must still be identical: any drift would mean a broken all-reduce.
     checksums = comm.gather(float(flat_params.double().sum()), root=0)
-    per_rank_bytes = comm.gather({"bytes_sent": sent, "bytes_recv": received}, root=0)
+    counted = args.allreduce != "mpi"  # null in the JSON: the library chose its own algorithm
+    per_rank_bytes = comm.gather({"bytes_sent": sent if counted else None,
+                                  "bytes_recv": received if counted else None}, root=0)
     if is_root:
         assert len(set(checksums)) == 1, f"replicas diverged: parameter sums {checksums}"
         print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
