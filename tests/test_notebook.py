@@ -31,11 +31,13 @@ def stdout(cell):
 
 
 @pytest.fixture(scope="module")
-def quick_run():
+def quick_run(tmp_path_factory):
     """The notebook, executed in quick mode; a cell that raises fails every test that uses it."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": ROOT}})
-    with mock.patch.dict(os.environ, HW5_QUICK="1", PYTHONUNBUFFERED="1"):
+    # TMPDIR: the notebook's scratch folders go under pytest's, which cleans them up
+    env = dict(HW5_QUICK="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path_factory.mktemp("notebook")))
+    with mock.patch.dict(os.environ, env):
         client.execute()  # raises CellExecutionError, with the cell and its traceback
     return nb
 
