@@ -27,10 +27,7 @@ def main():
 
     # data
     (x_train, y_train), (x_test, y_test) = utils.load_data(args, device)
-    steps_per_epoch = len(x_train) // args.batch_size
-    if steps_per_epoch == 0:
-        utils.fail(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training samples")
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or float("inf"))
+    total_steps = utils.count_steps(len(x_train), args.batch_size, args)
 
     # model
     model = utils.make_model(device, args.seed)

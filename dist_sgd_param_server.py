@@ -87,8 +87,7 @@ def main():
     num_workers = world_size - 1
     worker = rank - 1  # this rank's index among the workers; -1 on the server
     global_batch = num_workers * args.batch_size
-    # Square-root scaling over the global batch, as in dist_sgd_serverless.py.
-    args.lr = args.lr or 0.05 * math.sqrt(global_batch / 64)
+    args.lr = args.lr or utils.scaled_lr(global_batch)  # square-root scaling with the batch
 
     # setup
     device = utils.get_device(args.device)
@@ -98,11 +97,7 @@ def main():
     # data: every worker holds the whole set and takes its strided share of each global
     # batch; the server uses only the test set
     (x_train, y_train), (x_test, y_test) = utils.load_data(args, device, comm)
-    steps_per_epoch = len(x_train) // global_batch
-    if steps_per_epoch == 0:
-        utils.fail(f"the global batch {num_workers} x {args.batch_size} is larger than the "
-                   f"{len(x_train)} training samples")
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or float("inf"))
+    total_steps = utils.count_steps(len(x_train), global_batch, args)
 
     # model: parameters and gradients live in two flat buffers, so one call moves them all.
     # Only the server has an optimizer; a worker's weights are whatever the server sent last.

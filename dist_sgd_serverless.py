@@ -133,9 +133,7 @@ def main():
     args = parser.parse_args()
     utils.check_args(args)
     global_batch = world_size * args.batch_size
-    # Square-root scaling: with a global batch of N*b there are N times fewer steps; each
-    # can take a larger lr, but the linear rule (x N) diverges here without BatchNorm.
-    args.lr = args.lr or 0.05 * math.sqrt(global_batch / 64)
+    args.lr = args.lr or utils.scaled_lr(global_batch)  # square-root scaling with the batch
 
     # setup
     device = utils.get_device(args.device)
@@ -144,11 +142,7 @@ def main():
 
     # data: every rank holds the whole set and takes its strided share of each global batch
     (x_train, y_train), (x_test, y_test) = utils.load_data(args, device, comm)
-    steps_per_epoch = len(x_train) // global_batch
-    if steps_per_epoch == 0:
-        utils.fail(f"the global batch {world_size} x {args.batch_size} is larger than the "
-                   f"{len(x_train)} training samples")
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or float("inf"))
+    total_steps = utils.count_steps(len(x_train), global_batch, args)
 
     # model: parameters and gradients live in two flat buffers, so one call moves them all
     model = utils.make_model(device, args.seed)

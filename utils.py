@@ -6,6 +6,7 @@ This module imports no MPI, so that `python cent_sgd.py` works before mpi4py is 
 """
 import argparse
 import json
+import math
 import os
 import pickle
 import platform
@@ -293,6 +294,22 @@ def batches(order, flips, global_batch, rank=0, world_size=1):
     for k in range(len(order) // global_batch):
         s = slice(k * global_batch + rank, (k + 1) * global_batch, world_size)
         yield order[s], flips[s]
+
+
+def count_steps(n_train, global_batch, args):
+    """Optimizer steps of the run: full global batches per epoch x epochs, capped by
+    --max-steps. A global batch larger than the training set is refused here, on every rank."""
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch == 0:
+        fail(f"the global batch of {global_batch} samples is larger than the {n_train} training samples")
+    return min(args.epochs * steps_per_epoch, args.max_steps or float("inf"))
+
+
+def scaled_lr(global_batch):
+    """Default peak lr of the distributed scripts: cent_sgd.py's 0.05 at batch 64, scaled by the
+    square root of the batch growth. N times fewer steps can each take a larger lr, but the
+    linear rule (x N) diverges here without BatchNorm."""
+    return 0.05 * math.sqrt(global_batch / 64)
 
 
 def lr_at(step, total_steps, peak_lr, warmup=0.2):
