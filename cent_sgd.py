@@ -2,6 +2,7 @@
 
     python cent_sgd.py                         # CIFAR-10 from data/, or downloaded there
     python cent_sgd.py --dataset synthetic     # offline, small, learnable stand-in
+    python cent_sgd.py --checkpoint ckpt.pt --resume   # rerun the same line after a crash
 
 Each step takes `--batch-size` samples of a seeded permutation (utils.epoch_order), flips
 half of them, and takes one SGD step under a one-cycle lr schedule. Rank 0 of an mpirun
@@ -37,9 +38,19 @@ def main():
                  f"{utils.num_params(model):,} params | batch {args.batch_size} | {total_steps} steps | "
                  f"{device} x {threads} threads")
 
+    # resume: a checkpoint holds everything the next epoch depends on
+    history, step, start = [], 0, 0
+    state = utils.load_checkpoint(args, "cent_sgd", world_size=1)
+    if state:
+        utils.restore(state, model, optimizer)
+        history, step, start = state["history"], state["step"], state["epoch"]
+        utils.print0(f"resumed from {args.checkpoint}: epoch {start}, step {step}")
+
     # train
-    history, step, t_start = [], 0, time.perf_counter()
-    for epoch in range(args.epochs):
+    t_start = time.perf_counter()
+    for epoch in range(start, args.epochs):
+        if step == total_steps:
+            break
         t0 = time.perf_counter()
         order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
         order, flips = order.to(device), flips.to(device)
@@ -64,8 +75,9 @@ def main():
         h = history[-1]
         utils.print0(f"epoch {h['epoch']:3d}/{args.epochs} | train loss {h['train_loss']:.4f} | "
                      f"test acc {h['test_acc']:6.2f}% | {h['epoch_time']:6.1f} s")
-        if step == total_steps:
-            break
+        if args.checkpoint:
+            utils.save_checkpoint(args.checkpoint, utils.checkpoint(
+                "cent_sgd", args, 1, model, optimizer, epoch=epoch + 1, step=step, history=history))
 
     # report
     wall = time.perf_counter() - t_start

@@ -3,6 +3,7 @@
     mpirun -n 4 python dist_sgd_serverless.py                    # MPI_Allreduce
     mpirun -n 4 python dist_sgd_serverless.py --allreduce ring   # hand-written ring (Q7)
     mpirun -n 4 python dist_sgd_serverless.py --dataset synthetic
+    mpirun -n 4 python dist_sgd_serverless.py --checkpoint ckpt.pt --resume   # rerun after a crash
     (as root or in Colab, add: --allow-run-as-root --oversubscribe)
 
 Every rank holds a full replica of the model. Each step, rank r of N computes gradients on
@@ -173,6 +174,14 @@ def main():
         flat_grads.div_(world_size)
         return stats
 
+    # resume: a checkpoint holds everything the next epoch depends on; every rank reads it
+    history, step, start, sent, received = [], 0, 0, 0, 0
+    state = utils.load_checkpoint(args, "dist_sgd_serverless", world_size)
+    if state:
+        utils.restore(state, model, optimizer)
+        history, step, start = state["history"], state["step"], state["epoch"]
+        sent, received = state["traffic"][rank]
+
     broadcast_parameters_()
 
     utils.print0(f"dist_sgd_serverless | {world_size} ranks, allreduce={args.allreduce} | "
@@ -180,12 +189,16 @@ def main():
                  f"batch {world_size} x {args.batch_size} = {global_batch} | lr {args.lr:.4g} | "
                  f"{total_steps} steps | {device} x {threads} threads per rank")
 
+    if state:
+        utils.print0(f"resumed from {args.checkpoint}: epoch {start}, step {step}")
+
     # train
-    history, step, t_start = [], 0, time.perf_counter()
-    sent = received = 0
-    for epoch in range(args.epochs):
+    t_start = time.perf_counter()
+    for epoch in range(start, args.epochs):
+        if step == total_steps:
+            break
         t0 = time.perf_counter()
-        comm_time = 0.0
+        in_call = []  # seconds this rank spent inside the all-reduce, per step
         order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
         order, flips = order.to(device), flips.to(device)
         loss_sum = torch.zeros((), device=device)
@@ -199,7 +212,7 @@ def main():
             loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
             tc = time.perf_counter()
             stats = average_gradients_()
-            comm_time += time.perf_counter() - tc
+            in_call.append(time.perf_counter() - tc)
             if stats["bytes_sent"] is not None:  # MPI_Allreduce does not say what it moved
                 sent += stats["bytes_sent"]
                 received += stats["bytes_recv"]
@@ -208,6 +221,14 @@ def main():
             n_steps += 1
         utils.sync(device)
         train_time = time.perf_counter() - t0
+        # Time inside the call = waiting for the last rank to arrive + the all-reduce itself.
+        # The last rank to arrive waits for no one, so per step the shortest time in the call
+        # over ranks is the all-reduce itself; the rest of this rank's time is waiting, which
+        # is load imbalance (with more ranks than cores, the OS runs some ranks later), not traffic.
+        in_call = np.array(in_call)
+        shortest = in_call.copy()
+        comm.Allreduce(MPI.IN_PLACE, shortest, op=MPI.MIN)
+        comm_time, wait_time = float(shortest.sum()), float(in_call.sum() - shortest.sum())
 
         # Evaluate on a 1/N shard each and add up sums and counts: N times less work than rank 0 alone.
         test_loss, correct = utils.evaluate(model, x_test[rank::world_size], y_test[rank::world_size])
@@ -215,16 +236,21 @@ def main():
             np.array([loss_sum.item() / max(1, n_steps), test_loss, correct]))  # small: pickling is fine
         history.append(dict(epoch=epoch + 1, steps=step, train_loss=train_loss / world_size,
                             test_loss=test_loss / len(x_test), test_acc=100 * correct / len(x_test),
-                            train_time=train_time, comm_time=comm_time,
+                            train_time=train_time, comm_time=comm_time, wait_time=wait_time,
                             step_time=train_time / max(1, n_steps),
                             epoch_time=time.perf_counter() - t0))
         h = history[-1]
         utils.print0(f"epoch {h['epoch']:3d}/{args.epochs} | train loss {h['train_loss']:.4f} | "
-                     f"test acc {h['test_acc']:6.2f}% | {h['epoch_time']:6.1f} s | comm {comm_time:5.2f} s")
+                     f"test acc {h['test_acc']:6.2f}% | {h['epoch_time']:6.1f} s | "
+                     f"wait {wait_time:5.2f} s | comm {comm_time:5.2f} s")
         if not math.isfinite(h["train_loss"]):
             utils.fail(f"training diverged (train loss {h['train_loss']}); lower --lr", code=1)
-        if step == total_steps:
-            break
+        if args.checkpoint:
+            traffic = comm.gather((sent, received), root=0)  # each rank's byte counts so far
+            if is_root:  # the replicas are identical: rank 0's state is everyone's
+                utils.save_checkpoint(args.checkpoint, utils.checkpoint(
+                    "dist_sgd_serverless", args, world_size, model, optimizer,
+                    epoch=epoch + 1, step=step, history=history, traffic=traffic))
 
     # report
     wall = time.perf_counter() - t_start
@@ -241,7 +267,8 @@ def main():
             global_batch=global_batch, threads=threads, device=str(device),
             params=utils.num_params(model), steps=step, wall_time=wall,
             final_test_acc=history[-1]["test_acc"], history=history, bytes_per_rank=per_rank_bytes,
-            comm_fraction=sum(h["comm_time"] for h in history) / sum(h["train_time"] for h in history)))
+            comm_fraction=sum(h["comm_time"] for h in history) / sum(h["train_time"] for h in history),
+            wait_fraction=sum(h["wait_time"] for h in history) / sum(h["train_time"] for h in history)))
         if args.save_model:
             torch.save(utils.parameters_vector(model), args.save_model)
 

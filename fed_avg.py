@@ -5,6 +5,7 @@
     mpirun -n 5 python fed_avg.py --split-method non-iid --alpha 0.1   # Dirichlet label skew
     mpirun -n 5 python fed_avg.py --num-clients 20 --client-fraction 0.25   # 5 of 20 per round
     mpirun -n 3 python fed_avg.py --dataset synthetic --rounds 2 --max-steps 5   # a quick look
+    mpirun -n 5 python fed_avg.py --checkpoint ckpt.pt --resume        # rerun after a crash
     (as root or in Colab, add: --allow-run-as-root --oversubscribe)
 
 Rank 0 is the server and holds the global model; ranks 1..N-1 host the clients, each of
@@ -89,7 +90,7 @@ def reduce_weighted_sums_(buf, comm, workers):
 
 def local_steps(shard_size, args):
     """SGD steps a client with `shard_size` samples takes per round."""
-    steps = args.local_epochs * (shard_size // min(args.batch_size, shard_size))
+    steps = args.local_epochs * (shard_size // args.batch_size)
     return min(steps, args.max_steps or steps)
 
 
@@ -175,6 +176,10 @@ def main():
     except ValueError as e:
         utils.fail(str(e))
     sizes = [len(s) for s in shards]  # n_k, the FedAvg weights
+    if min(sizes) < args.batch_size:
+        k = sizes.index(min(sizes))
+        utils.fail(f"client {k} has {sizes[k]} samples, fewer than one batch of {args.batch_size}: lower "
+                   f"--batch-size, use fewer --num-clients" + (", or a larger --alpha" if args.alpha else ""))
     # The split is seeded, so every rank computed the same one: check rather than trust.
     fingerprint = sizes + [int(s.sum()) for s in shards]
     if any(other != fingerprint for other in comm.allgather(fingerprint)):
@@ -210,11 +215,22 @@ def main():
     if is_root:
         print(f"wrote {figure}", flush=True)
 
-    # train
     sampler = torch.Generator().manual_seed(args.seed)  # which clients train: a stream of its own
-    history, t_start = [], time.perf_counter()
-    sent = received = 0
-    for round_ in range(args.rounds):
+
+    # resume: the global model, the client sampler and the metrics are all a round depends on
+    # (clients start each round from the global model with a fresh optimizer); every rank reads it
+    history, start, traffic = [], 0, np.zeros((world_size, 2))
+    state = utils.load_checkpoint(args, "fed_avg", world_size)
+    if state:
+        utils.restore(state, model, None)
+        sampler.set_state(state["sampler"])
+        history, start, traffic = state["history"], state["round"], np.array(state["traffic"])
+        utils.print0(f"resumed from {args.checkpoint}: round {start}")
+    sent, received = traffic[rank]
+
+    # train
+    t_start = time.perf_counter()
+    for round_ in range(start, args.rounds):
         t0 = time.perf_counter()
         clients = sorted(torch.randperm(args.num_clients, generator=sampler)[:per_round].tolist())
         workers = sorted({host[k] for k in clients})  # the ranks this round's clients run on
@@ -283,11 +299,16 @@ def main():
             print(f"round {h['round']:3d}/{args.rounds} | train loss {h['train_loss']:.4f} | "
                   f"test acc {h['test_acc']:6.2f}% | {h['round_time'] + h['eval_time']:6.1f} s | "
                   f"comm {h['comm_time']:5.2f} s", flush=True)
+        traffic = table[:, 4:]  # every rank's bytes so far
+        if args.checkpoint and is_root:  # the server's weights are the global model
+            utils.save_checkpoint(args.checkpoint, utils.checkpoint(
+                "fed_avg", args, world_size, model, None, history, round=round_ + 1,
+                sampler=sampler.get_state(), traffic=traffic.tolist()))
 
     # report
     wall = time.perf_counter() - t_start
     if is_root:
-        per_rank_bytes = [{"bytes_sent": int(s), "bytes_recv": int(r)} for s, r in table[:, 4:]]
+        per_rank_bytes = [{"bytes_sent": int(s), "bytes_recv": int(r)} for s, r in traffic]
         print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
         class_counts = [torch.bincount(y_train[s], minlength=len(utils.CLASSES)).tolist() for s in shards]
         utils.save_results(args.results, dict(

@@ -1,4 +1,5 @@
-"""What all four scripts share: flags, setup, data, model, batching, splits, evaluation, logging.
+"""What all four scripts share: flags, setup, data, model, batching, splits, evaluation, logging,
+checkpoints.
 
 Communication is deliberately NOT here: each script shows its own pattern (all-reduce,
 gather to a server, FedAvg weighting) so that a reader sees it without jumping files.
@@ -108,11 +109,19 @@ def get_parser(description, *, epochs, batch_size, lr, batch_help="samples per s
     p.add_argument("--dataset", choices=("cifar10", "synthetic"), default="cifar10",
                    help="synthetic: small, CIFAR-shaped and learnable; needs no download")
     p.add_argument("--data-dir", default="data", help="holds (or receives) cifar-10-batches-py/")
+    p.add_argument("--train-size", type=positive(int), default=None,
+                   help="train on the first N training samples only (quick looks, tests); default: all")
     # system
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
     p.add_argument("--results", default=None, help="results JSON path; default: results/<script>.json")
     p.add_argument("--save-model", default=None, metavar="PATH", help="save the final weights, one vector in parameter order (torch.save)")
     p.add_argument("--max-steps", type=positive(int), default=None, help=max_steps_help)
+    # checkpoints
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="after every epoch (round), save the training state here, atomically; "
+                        "every rank must be able to read it (one machine, or a shared disk)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint when it exists; the flags must match the run that wrote it")
     return p
 
 
@@ -124,6 +133,8 @@ def check_args(args):
         fail(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup < 1:
         fail(f"--warmup must be in [0, 1), got {args.warmup}")
+    if args.resume and not args.checkpoint:
+        fail("--resume needs --checkpoint PATH, the file to resume from")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -147,8 +158,9 @@ def set_threads(device):
     """Give each rank its share of the cores, so ranks x threads <= cores (no oversubscription).
 
     mpirun may already have bound this rank to some cores; the affinity mask says how many.
+    An OMP_NUM_THREADS set by the user wins: torch has already read it.
     """
-    if device.type == "cpu":
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, cores // LOCAL_SIZE) if cores == os.cpu_count() else cores)
     return torch.get_num_threads()
@@ -203,6 +215,8 @@ def load_data(args, device, comm=None):
         train, test = make_synthetic(seed=1234)
     else:
         train, test = load_cifar10(args.data_dir, comm)
+    if args.train_size:
+        train = tuple(t[:args.train_size] for t in train)
     return tuple((x.to(device), y.to(device)) for x, y in (train, test))
 
 
@@ -433,6 +447,106 @@ def hardware():
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+# Flags that name files or pick hardware: a run may resume with other values of these, but
+# any other flag changes what is computed (even --epochs: it stretches the lr schedule).
+NOT_CONFIG = ("results", "save_model", "checkpoint", "resume", "data_dir", "device", "figures_dir")
+CHECKPOINT_FORMAT = "ee599-hw5-checkpoint-1"  # a tag, so that any other file is refused by name
+
+
+def run_config(args):
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONFIG}
+
+
+def rng_state():
+    """Python's, numpy's and torch's global RNG states, as types torch.load(weights_only=True) accepts.
+
+    The scripts draw their data order from seeded generators of their own (epoch_order,
+    client_seed), so these matter only to code that would use the global RNGs.
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def save_checkpoint(path, state):
+    """torch.save `state` to `path` atomically: into a temporary file, then os.replace.
+
+    A crash or a disconnect in the middle of writing leaves the previous checkpoint whole.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(args, script, world_size):
+    """The state that `script` saved in --checkpoint, or None when not resuming or when the
+    file does not exist yet (so one command both starts a run and resumes it).
+
+    torch.load(weights_only=True) builds only tensors and plain containers: a checkpoint
+    from elsewhere cannot run code. A file that is corrupt, or was written by another
+    script, process count or configuration, ends the run with one line.
+    """
+    path = args.checkpoint
+    if not args.resume:
+        return None
+    if not os.path.exists(path):
+        print0(f"no checkpoint at {path} yet: starting from scratch")
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, a pickle with code in it, ...
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to start from scratch")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of these scripts")
+    if state["script"] != script:
+        fail(f"{path} was written by {state['script']}.py, not {script}.py")
+    if state["world_size"] != world_size:
+        fail(f"{path} was written by a run of {state['world_size']} ranks; this one has {world_size}")
+    config = run_config(args)
+    changed = [k for k in sorted(set(config) | set(state["config"])) if config.get(k) != state["config"].get(k)]
+    if changed:
+        k, more = changed[0], f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        fail(f"{path} was written with another configuration: --{k.replace('_', '-')} was "
+             f"{state['config'].get(k)}, now {config.get(k)}{more}")
+    return state
+
+
+def checkpoint(script, args, world_size, model, optimizer, history, **progress):
+    """A run's full state: the model, the optimizer (momentum), the RNGs, the metrics so far
+    and the script's progress (epoch or round, step, ...). load_checkpoint checks the rest."""
+    history = json.loads(json.dumps(history))  # numpy floats -> floats, which weights_only=True accepts
+    return dict(format=CHECKPOINT_FORMAT, script=script, world_size=world_size, config=run_config(args),
+                model=model.state_dict(), optimizer=optimizer.state_dict() if optimizer else None,
+                rng=rng_state(), history=history, **progress)
+
+
+def restore(state, model, optimizer):
+    """Load a checkpoint's model, optimizer and RNG states in place. load_state_dict copies
+    into the existing parameters, so they stay views of the flat buffers."""
+    model.load_state_dict(state["model"])
+    if optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+
+
 # ----------------------------------------------------------------------------- client splits (FedAvg)
 
 SPLIT_METHODS = ("iid", "non-iid")
@@ -534,10 +648,10 @@ def client_batches(shard, batch_size, epochs, seed):
     """Yield (indices, flip mask) for `epochs` passes over a client's `shard` of indices.
 
     Each pass is a fresh seeded permutation of the shard, cut into full batches the way
-    `batches` cuts the global order. A shard smaller than a batch is a single batch.
+    `batches` cuts the global order (fed_avg.py refuses shards smaller than a batch).
     """
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = shard[torch.randperm(len(shard), generator=g).to(shard.device)]
         flips = (torch.rand(len(shard), generator=g) < 0.5).to(shard.device)
-        yield from batches(order, flips, min(batch_size, len(shard)))
+        yield from batches(order, flips, batch_size)

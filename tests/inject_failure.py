@@ -2,12 +2,17 @@
 
     mpirun -n 4 python tests/inject_failure.py RANK CALL FUNCTION SCRIPT [ARGS...]
 
-makes utils.FUNCTION raise RuntimeError on its CALL-th call (1-based) on rank RANK, then
-runs SCRIPT as __main__ with ARGS. The product code is not changed.
+makes utils.FUNCTION fail on its CALL-th call (1-based) on rank RANK, then runs SCRIPT as
+__main__ with ARGS. The product code is not changed. The fault is a RuntimeError, or with
+INJECT=kill in the environment a SIGKILL of the rank itself (an out-of-memory kill, a crash).
+Either way the wrapper first prints "injected fault ... at T" to stderr, T being time.time(),
+so that a test can measure how long the job took to end after it.
 """
 import os
 import runpy
+import signal
 import sys
+import time
 
 sys.path.insert(0, os.getcwd())
 import utils  # noqa: E402
@@ -22,7 +27,11 @@ def faulty(*args, **kwargs):
     global calls
     calls += 1
     if utils.RANK == rank and calls == call:
-        raise RuntimeError(f"injected fault in utils.{name}, call {call}, rank {rank}")
+        message = f"injected fault in utils.{name}, call {call}, rank {rank} at {time.time():.3f}"
+        if os.environ.get("INJECT") == "kill":
+            print(message, file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(message)
     return original(*args, **kwargs)
 
 

@@ -26,10 +26,17 @@ def python(*args, timeout=120, env=None):
     return run([sys.executable, *map(str, args)], timeout, env)
 
 
+# Open MPI's PyPI build probes for a libfabric network (its `ofi` transport) in MPI_Init, which
+# costs every rank about 1 s on a machine without one. Tests run on one machine, over shared
+# memory (or TCP where a test asks for it with --mca btl, which overrides this), so skip it.
+# A user's own OMPI_MCA_btl wins.
+TEST_ENV = {"PYTHONUNBUFFERED": "1", "OMPI_MCA_btl": os.environ.get("OMPI_MCA_btl", "^ofi")}
+
+
 def run(cmd, timeout, env):
     """Run cmd in its own process group, so that a timeout kills the ranks too, not just
     mpirun: otherwise the ranks keep the output pipes open and the test waits for them."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **TEST_ENV, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

@@ -17,7 +17,7 @@ def test_allreduce_matches_mpi(n):
 
 
 def test_bench_writes_json_and_png(tmp_path):
-    proc = check(mpirun(2, "-m", "mpi4py", "bench_allreduce.py",
+    proc = check(mpirun(2, "-m", "mpi4py", "bench/allreduce.py",
                         "--min-bytes", 1024, "--max-bytes", 4096, "--repeats", 2,
                         "--results-dir", tmp_path, "--figures-dir", tmp_path, timeout=60))
     assert "ring/mpi" in proc.stdout, proc.stdout

@@ -1,4 +1,4 @@
-"""FedAvg: client splits, the sample-weighted average, FedSGD = data-parallel SGD, bad input.
+"""FedAvg: client splits, the sample-weighted average, FedSGD = data-parallel SGD.
 
     pytest -q tests/test_fed_avg.py
 
@@ -106,7 +106,6 @@ def test_client_batches_are_seeded_slices_of_the_shard():
     assert not torch.equal(batches[0][0], batches[3][0])  # a fresh order each pass
     again = list(utils.client_batches(shard, 16, epochs=2, seed=3))
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(batches, again))
-    assert [len(idx) for idx, _ in utils.client_batches(shard[:5], 16, 1, seed=0)] == [5]  # tiny shard
     assert utils.client_seed(0, 1, 2) != utils.client_seed(0, 2, 1)
 
 
@@ -242,17 +241,3 @@ def test_fedsgd_equals_data_parallel_sgd(tmp_path):
     assert server == {"bytes_sent": 3 * 4 * P * 4, "bytes_recv": 3 * 4 * (P + 1) * 4}
     assert client_ranks == [{"bytes_sent": 3 * (P + 1) * 4, "bytes_recv": 3 * P * 4}] * 4
     assert (tmp_path / "data_distribution_iid.png").stat().st_size > 0
-
-
-@pytest.mark.parametrize("n, args, message", [
-    (1, [], "needs a server and at least one client"),
-    (2, ["--dataset", "synthetic", "--num-clients", 6000], "cannot split 5000 samples"),
-    (2, ["--split-method", "non-iid", "--alpha", 0], "must be > 0"),
-    (2, ["--split-method", "dirichlet"], "invalid choice"),
-])
-def test_bad_input_fails_with_one_line(n, args, message):
-    proc = mpirun(n, "fed_avg.py", *args, timeout=60)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr

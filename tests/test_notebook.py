@@ -15,7 +15,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from mpi import ROOT
+from mpi import ROOT, TEST_ENV
 
 NOTEBOOK = os.path.join(ROOT, "HW5.ipynb")
 
@@ -36,7 +36,7 @@ def quick_run(tmp_path_factory):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": ROOT}})
     # TMPDIR: the notebook's scratch folders go under pytest's, which cleans them up
-    env = dict(HW5_QUICK="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path_factory.mktemp("notebook")))
+    env = dict(TEST_ENV, HW5_QUICK="1", TMPDIR=str(tmp_path_factory.mktemp("notebook")))
     with mock.patch.dict(os.environ, env):
         client.execute()  # raises CellExecutionError, with the cell and its traceback
     return nb

@@ -1,5 +1,6 @@
 """Unit tests of utils.py: data, batching, schedule, model, flat buffers, evaluation."""
 import pickle
+import random
 
 import numpy as np
 import pytest
@@ -163,3 +164,28 @@ def test_evaluate_sums_loss_and_counts_correct_over_all_batches():
     assert correct == int((y == 3).sum())
     expected = nn.functional.cross_entropy(logits.expand(2503, 10), y, reduction="sum")
     assert loss_sum == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    utils.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt  # a disconnect, a Ctrl-C, a full disk
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
+
+
+def test_rng_state_round_trips_through_a_safe_load(tmp_path):
+    utils.seed_everything(5)
+    state = utils.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    torch.save(state, tmp_path / "rng.pt")
+    utils.seed_everything(6)
+    utils.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected

@@ -1,0 +1,203 @@
+"""Reliability of all four scripts: a fault on any rank ends the job within seconds, an
+interrupted run resumes to exactly the uninterrupted result, the same seed gives the same
+bits, and bad input gets one line from rank 0.
+
+    pytest -q tests/test_reliability.py
+
+Faults are injected by tests/inject_failure.py, which patches one utils function on one
+rank and then runs the unchanged script.
+"""
+import functools
+import pickle
+import re
+import time
+
+import pytest
+import torch
+
+from mpi import check, mpirun, python
+
+QUICK = ["--dataset", "synthetic", "--lr", 0.05]
+# Each script for 2 epochs (rounds) of 10 steps on 1000 synthetic samples, at the smallest
+# process count that shows its pattern; default momentum 0.9, so the optimizer state matters.
+RUNS = {
+    "cent_sgd.py": (None, ["--train-size", 1000, "--epochs", 2, "--batch-size", 100]),
+    "dist_sgd_serverless.py": (2, ["--train-size", 1000, "--epochs", 2, "--batch-size", 50]),
+    "dist_sgd_param_server.py": (3, ["--train-size", 1000, "--epochs", 2, "--batch-size", 50]),
+    # 2 of 4 clients per round, so that the checkpoint must also restore the client sampler
+    "fed_avg.py": (2, ["--train-size", 1000, "--rounds", 2, "--batch-size", 25, "--num-clients", 4,
+                       "--client-fraction", 0.5]),
+}
+
+
+def launch(ranks, *args, **kwargs):
+    """mpirun with `ranks` processes, or plain python when ranks is None."""
+    return mpirun(ranks, *args, **kwargs) if ranks else python(*args, **kwargs)
+
+
+def outputs(script, folder):
+    """Where a run writes its results (and fed_avg.py its plot of the split)."""
+    return ["--results", folder / "r.json"] + (["--figures-dir", folder] if script == "fed_avg.py" else [])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """run(script, name, *extra) -> (final parameters, stdout, folder) of one full run,
+    with a checkpoint after every epoch. Cached, so that tests share the reference runs."""
+    @functools.cache
+    def go(script, name, *extra):
+        folder = tmp_path_factory.mktemp(f"{script[:-3]}-{name}")
+        ranks, flags = RUNS[script]
+        proc = check(launch(ranks, script, *QUICK, *flags, *extra, *outputs(script, folder),
+                            "--checkpoint", folder / "ckpt.pt", "--save-model", folder / "model.pt",
+                            timeout=90))
+        return torch.load(folder / "model.pt"), proc.stdout, folder
+    return go
+
+
+def final_accuracy(stdout):
+    return re.search(r"^Final test accuracy: (\d+\.\d\d)%$", stdout, re.M).group(1)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("script", RUNS)
+def test_same_seed_gives_the_same_bits(script, run):
+    first, _, _ = run(script, "reference")
+    second, _, _ = run(script, "again")
+    assert torch.equal(first, second), (first - second).abs().max()
+
+
+def test_another_seed_gives_other_bits(run):
+    """The control: bit-identical above is not because nothing depends on the seed."""
+    assert not torch.equal(run("cent_sgd.py", "reference")[0], run("cent_sgd.py", "seed1", "--seed", 1)[0])
+
+
+# ----------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("script", RUNS)
+def test_resume_after_a_crash_is_exact(script, run, tmp_path):
+    """Rank 0 dies in its 2nd evaluation, after the checkpoint of epoch (round) 1 and before
+    that of epoch 2. Resuming then runs epoch 2 only, and ends bit for bit where the
+    uninterrupted run ended: parameters, momentum, data order and sampler all restored."""
+    reference, reference_out, _ = run(script, "reference")
+    ranks, flags = RUNS[script]
+    unit = "round" if script == "fed_avg.py" else "epoch"
+    args = [script, *QUICK, *flags, *outputs(script, tmp_path), "--checkpoint", tmp_path / "ckpt.pt"]
+    crashed = launch(ranks, "tests/inject_failure.py", 0, 2, "evaluate", *args, timeout=90)
+    assert crashed.returncode != 0 and "injected fault" in crashed.stderr
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved[unit] == 1 and len(saved["history"]) == 1
+
+    resumed = check(launch(ranks, *args, "--resume", "--save-model", tmp_path / "model.pt", timeout=90))
+    assert re.search(rf"^resumed from .*: {unit} 1\b", resumed.stdout, re.M), resumed.stdout
+    assert [line.split("|")[0].strip() for line in resumed.stdout.splitlines()
+            if line.startswith(unit)] == [f"{unit}   2/2"]  # only what was left
+    assert torch.equal(torch.load(tmp_path / "model.pt"), reference)
+    assert final_accuracy(resumed.stdout) == final_accuracy(reference_out)
+
+
+# ----------------------------------------------------------------------------- faults
+
+# (script, ranks, failing rank, call, utils function, kind): a fault while loading data, in a
+# training step, or on the way into a collective, on rank 0 and on other ranks; "kill" is a
+# SIGKILL, like the out-of-memory killer, which leaves no Python traceback behind.
+FAULTS = [
+    ("cent_sgd.py", None, 0, 3, "train_step", "raise"),
+    ("dist_sgd_serverless.py", 2, 0, 3, "train_step", "raise"),
+    ("dist_sgd_serverless.py", 2, 1, 1, "load_data", "raise"),
+    ("dist_sgd_serverless.py", 3, 2, 5, "as_mpi_buffer", "kill"),
+    ("dist_sgd_param_server.py", 2, 0, 4, "as_mpi_buffer", "raise"),
+    ("dist_sgd_param_server.py", 2, 1, 3, "train_step", "kill"),
+    ("fed_avg.py", 2, 0, 1, "evaluate", "raise"),
+    ("fed_avg.py", 2, 1, 2, "train_step", "raise"),
+]
+
+
+@pytest.mark.parametrize("script, ranks, rank, call, function, kind", FAULTS)
+def test_a_fault_on_any_rank_ends_the_job_within_10_s(script, ranks, rank, call, function, kind, tmp_path):
+    proc = launch(ranks, "tests/inject_failure.py", rank, call, function, script, *QUICK, *outputs(script, tmp_path),
+                  timeout=60, env={"INJECT": kind})
+    ended = time.time()
+    assert proc.returncode != 0
+    fault = f"injected fault in utils.{function}, call {call}, rank {rank} at "
+    assert proc.stderr.count(fault) == 1, proc.stderr  # the first error, printed once
+    assert proc.stderr.count("Traceback") == (kind == "raise"), proc.stderr  # by the failing rank only
+    at = float(re.search(re.escape(fault) + r"([\d.]+)", proc.stderr).group(1))
+    assert ended - at < 10, f"the job took {ended - at:.1f} s to end after the fault"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+    """Data folders that exist but cannot be used: a truncated batch, and missing batches."""
+    root = tmp_path_factory.mktemp("bad-data")
+    batch = pickle.dumps({"data": bytes(30 * 3072), "labels": [0] * 30})
+    truncated = root / "truncated" / "cifar-10-batches-py"
+    truncated.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (truncated / name).write_bytes(batch[:len(batch) // 2])
+    incomplete = root / "incomplete" / "cifar-10-batches-py"
+    incomplete.mkdir(parents=True)
+    (incomplete / "data_batch_1").write_bytes(batch)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(run, tmp_path_factory):
+    """A good checkpoint of cent_sgd.py, and a truncated copy of it."""
+    _, _, folder = run("cent_sgd.py", "reference")
+    corrupt = tmp_path_factory.mktemp("corrupt") / "ckpt.pt"
+    data = (folder / "ckpt.pt").read_bytes()
+    corrupt.write_bytes(data[:len(data) // 3])
+    return {"good": folder / "ckpt.pt", "corrupt": corrupt}
+
+
+CENT = [*QUICK, *RUNS["cent_sgd.py"][1]]
+# (script, ranks, arguments, what the one error line says); {truncated}, {incomplete},
+# {good}, {corrupt} are filled in from the fixtures above.
+BAD_INPUT = [
+    ("dist_sgd_param_server.py", 1, [], "at least one worker"),
+    ("fed_avg.py", 1, [], "needs a server and at least one client"),
+    ("fed_avg.py", 2, ["--dataset", "synthetic", "--num-clients", 6000], "cannot split 5000 samples"),
+    ("dist_sgd_serverless.py", 2, ["--allreduce", "butterfly"], "invalid choice"),
+    ("fed_avg.py", 2, ["--split-method", "dirichlet"], "invalid choice"),
+    ("dist_sgd_param_server.py", 1, ["--dataset", "imagenet"], "invalid choice"),
+    ("fed_avg.py", 1, ["--split-method", "non-iid", "--alpha", -1], "must be > 0"),
+    ("dist_sgd_serverless.py", 1, ["--epochs", 0], "must be > 0"),
+    ("fed_avg.py", 1, ["--rounds", 0], "must be > 0"),
+    ("dist_sgd_param_server.py", 1, ["--batch-size", -64], "must be > 0"),
+    ("fed_avg.py", 1, ["--lr", 0], "must be > 0"),
+    ("fed_avg.py", 2, ["--dataset", "synthetic", "--num-clients", 100], "fewer than one batch of 64"),
+    ("dist_sgd_param_server.py", 2, ["--dataset", "synthetic", "--batch-size", 6000], "larger than the 5000"),
+    ("dist_sgd_serverless.py", 2, ["--data-dir", "{truncated}"], "cannot read"),
+    ("fed_avg.py", 2, ["--data-dir", "{incomplete}"], "cannot read"),
+    ("cent_sgd.py", None, ["--resume"], "--resume needs --checkpoint"),
+    ("cent_sgd.py", None, [*CENT, "--checkpoint", "{corrupt}", "--resume"], "cannot read checkpoint"),
+    ("dist_sgd_serverless.py", 2, ["--dataset", "synthetic", "--checkpoint", "{corrupt}", "--resume"],
+     "cannot read checkpoint"),
+    ("dist_sgd_serverless.py", 1, ["--dataset", "synthetic", "--checkpoint", "{good}", "--resume"],
+     "written by cent_sgd.py"),
+    ("cent_sgd.py", None, [*CENT, "--lr", 0.1, "--checkpoint", "{good}", "--resume"],
+     "--lr was 0.05, now 0.1"),
+]
+
+
+@pytest.mark.parametrize("script, ranks, args, message", BAD_INPUT)
+def test_bad_input_gets_one_line_and_a_nonzero_exit(script, ranks, args, message, bad_data, checkpoints, tmp_path):
+    paths = {"truncated": bad_data / "truncated", "incomplete": bad_data / "incomplete", **checkpoints}
+    args = [str(a).format(**paths) for a in args]
+    proc = launch(ranks, script, *args, *outputs(script, tmp_path), timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):
+    """So that one notebook cell both starts a run and, after a disconnect, resumes it."""
+    path = tmp_path / "none-yet.pt"
+    proc = check(python("cent_sgd.py", *QUICK, "--max-steps", 2, "--checkpoint", path, "--resume",
+                        "--results", tmp_path / "r.json"))
+    assert f"no checkpoint at {path} yet" in proc.stdout and path.exists()
