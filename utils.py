@@ -429,11 +429,27 @@ def save_results(path, results):
     """Write the run's record (config, metrics, timings, hardware) as JSON, atomically."""
     results = dict(results, hardware=hardware(), torch=torch.__version__,
                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    write_atomically(path, lambda f: json.dump(results, f, indent=1))
+
+
+def write_atomically(path, write, binary=False):
+    """Call write(f) on a temporary file beside `path`, then rename it over `path` (os.replace).
+
+    A crash or a disconnect in the middle leaves the previous file whole, and no temporary
+    file behind.
+    """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def hardware():
@@ -478,22 +494,8 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, state):
-    """torch.save `state` to `path` atomically: into a temporary file, then os.replace.
-
-    A crash or a disconnect in the middle of writing leaves the previous checkpoint whole.
-    """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save `state` to `path` atomically: a crash while saving keeps the previous checkpoint."""
+    write_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
 def load_checkpoint(args, script, world_size):
