@@ -16,78 +16,71 @@ import torch
 import utils
 
 
+def train_epoch(model, optimizer, train, epoch, step, total_steps, args):
+    """One pass over the training set in batches of --batch-size; returns (step, mean loss)."""
+    x_train, y_train = train
+    order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
+    order, flips = order.to(x_train.device), flips.to(x_train.device)
+    loss_sum, n_steps = torch.zeros((), device=x_train.device), 0
+    for idx, flip in utils.batches(order, flips, args.batch_size):
+        if step == total_steps:
+            break
+        utils.set_lr(optimizer, utils.lr_at(step, total_steps, args.lr, args.warmup))
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
+        optimizer.step()
+        step, n_steps = step + 1, n_steps + 1
+    return step, loss_sum.item() / max(1, n_steps)
+
+
 def main():
-    parser = utils.get_parser(__doc__.splitlines()[0], epochs=8, batch_size=64, lr=0.05)
+    parser = utils.get_parser("cent_sgd", __doc__.splitlines()[0], epochs=8, batch_size=utils.BASE_BATCH,
+                              lr=utils.BASE_LR)
     args = parser.parse_args()
     utils.check_args(args)
-
-    # setup
-    device = utils.get_device(args.device)
-    threads = utils.set_threads(device)
-    utils.seed_everything(args.seed)
+    device, threads = utils.setup(args)
 
     # data
-    (x_train, y_train), (x_test, y_test) = utils.load_data(args, device)
-    total_steps = utils.count_steps(len(x_train), args.batch_size, args)
+    train, (x_test, y_test) = utils.load_data(args, device)
+    total_steps = utils.count_steps(len(train[0]), args.batch_size, args)
 
     # model
     model = utils.make_model(device, args.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                nesterov=args.momentum > 0, weight_decay=args.weight_decay)
-    utils.print0(f"cent_sgd | {args.dataset}: {len(x_train)} train, {len(x_test)} test | "
+    optimizer = utils.make_optimizer(model.parameters(), args)
+    utils.print0(f"cent_sgd | {args.dataset}: {len(train[0])} train, {len(x_test)} test | "
                  f"{utils.num_params(model):,} params | batch {args.batch_size} | {total_steps} steps | "
                  f"{device} x {threads} threads")
 
-    # resume: a checkpoint holds everything the next epoch depends on
-    history, step, start = [], 0, 0
-    state = utils.load_checkpoint(args, "cent_sgd", world_size=1)
-    if state:
-        utils.restore(state, model, optimizer)
-        history, step, start = state["history"], state["step"], state["epoch"]
-        utils.print0(f"resumed from {args.checkpoint}: epoch {start}, step {step}")
-
-    # train
-    t_start = time.perf_counter()
-    for epoch in range(start, args.epochs):
-        if step == total_steps:
+    # train, or go on from a checkpoint, which holds everything the next epoch depends on
+    progress = utils.load_checkpoint(args, 1, model, optimizer,
+                                     dict(epoch=0, step=0, history=[], wall_time=0.0))
+    t_start = time.perf_counter() - progress["wall_time"]
+    for epoch in range(progress["epoch"], args.epochs):
+        if progress["step"] == total_steps:
             break
         t0 = time.perf_counter()
-        order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
-        order, flips = order.to(device), flips.to(device)
-        loss_sum = torch.zeros((), device=device)
-        n_steps = 0
-        for idx, flip in utils.batches(order, flips, args.batch_size):
-            if step == total_steps:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = utils.lr_at(step, total_steps, args.lr, args.warmup)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
-            optimizer.step()
-            step += 1
-            n_steps += 1
+        step, train_loss = train_epoch(model, optimizer, train, epoch, progress["step"], total_steps, args)
         utils.sync(device)
         train_time = time.perf_counter() - t0
         test_loss, correct = utils.evaluate(model, x_test, y_test)
-        history.append(dict(epoch=epoch + 1, steps=step, train_loss=loss_sum.item() / max(1, n_steps),
-                            test_loss=test_loss / len(x_test), test_acc=100 * correct / len(x_test),
-                            train_time=train_time, epoch_time=time.perf_counter() - t0))
-        h = history[-1]
+        h = dict(epoch=epoch + 1, steps=step, train_loss=train_loss, test_loss=test_loss / len(x_test),
+                 test_acc=100 * correct / len(x_test), train_time=train_time, epoch_time=time.perf_counter() - t0)
         utils.print0(f"epoch {h['epoch']:3d}/{args.epochs} | train loss {h['train_loss']:.4f} | "
                      f"test acc {h['test_acc']:6.2f}% | {h['epoch_time']:6.1f} s")
+        progress.update(epoch=epoch + 1, step=step, history=progress["history"] + [h],
+                        wall_time=time.perf_counter() - t_start)
         if args.checkpoint:
-            utils.save_checkpoint(args.checkpoint, utils.checkpoint(
-                "cent_sgd", args, 1, model, optimizer, epoch=epoch + 1, step=step, history=history))
+            utils.save_checkpoint(args, 1, model, optimizer, progress)
 
     # report
-    wall = time.perf_counter() - t_start
+    history = progress["history"]
     utils.print0(f"Final test accuracy: {history[-1]['test_acc']:.2f}%")
-    utils.save_results(utils.results_path(args, __file__), dict(
+    utils.save_results(args.results, dict(
         script="cent_sgd", config=vars(args), world_size=1, threads=threads, device=str(device),
-        params=utils.num_params(model), steps=step, wall_time=wall,
+        params=utils.num_params(model), steps=progress["step"], wall_time=time.perf_counter() - t_start,
         final_test_acc=history[-1]["test_acc"], history=history))
     if args.save_model:
-        torch.save(utils.parameters_vector(model), args.save_model)
+        utils.save_model(args.save_model, model)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Every rank holds a full replica of the model. Each step, rank r of N computes gr
 its strided share of a global batch of N x --batch-size samples; one all-reduce of a flat
 float32 buffer sums the gradients, each rank divides by N and applies the same SGD step,
 so the replicas stay identical. Without BatchNorm this is exactly centralized SGD with
-batch N x --batch-size (tests check it). The default lr is 0.05 x sqrt(global batch / 64):
-cent_sgd.py's 0.05 at batch 64, scaled by the square root of the batch growth.
+batch N x --batch-size (tests check it). The default lr is cent_sgd.py's, scaled by the
+square root of the batch growth (utils.scaled_lr).
 """
 import math
 import time
@@ -28,7 +28,7 @@ import utils
 # {"steps", "bytes_sent", "bytes_recv"} for this rank, so tests and benchmarks can check
 # the cost model. Only uppercase (buffer) calls: the lowercase ones would pickle.
 
-def allreduce_mpi_(buf, comm):
+def mpi_allreduce_(buf, comm):
     """Sum `buf` over all ranks in place with the library's MPI_Allreduce (the reference).
 
     Open MPI picks the algorithm by message size and process count, so steps and bytes
@@ -116,161 +116,162 @@ def tree_allreduce_(buf, comm):
     return stats
 
 
-ALLREDUCE = {"mpi": allreduce_mpi_, "ring": ring_allreduce_, "tree": tree_allreduce_}
+ALLREDUCE = {"mpi": mpi_allreduce_, "ring": ring_allreduce_, "tree": tree_allreduce_}
+
+
+def broadcast_parameters_(flat_params, comm):
+    """Every replica starts from rank 0's weights. Seeding alone would also do here, but
+    this holds even when ranks' RNGs differ (another torch build, another GPU)."""
+    with utils.staged(flat_params) as buf:
+        comm.Bcast(buf, root=0)
+
+
+def average_gradients_(flat_grads, comm, allreduce_, device_ok=False):
+    """Sum the flat gradient over the ranks with `allreduce_`, then divide: every rank gets the
+    global mean. `device_ok`: a CUDA-aware MPI_Allreduce reads GPU memory itself."""
+    with utils.staged(flat_grads, device_ok) as buf:
+        moved = allreduce_(buf, comm)
+    flat_grads.div_(comm.Get_size())
+    return moved
 
 
 # ----- training -----
+
+def train_epoch(model, optimizer, flat_grads, train, epoch, step, total_steps, args, comm, traffic):
+    """One pass over the training set. Each step: the gradient of this rank's strided share
+    of a global batch of N x --batch-size, the all-reduce, and the same SGD step on every rank.
+    Returns (step, mean loss, seconds this rank spent inside the all-reduce at each step)."""
+    rank, world_size = comm.Get_rank(), comm.Get_size()
+    x_train, y_train = train
+    allreduce_ = ALLREDUCE[args.allreduce]
+    device_ok = args.allreduce == "mpi" and utils.mpi_is_cuda_aware(x_train.device)
+    order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
+    order, flips = order.to(x_train.device), flips.to(x_train.device)
+    loss_sum, in_call = torch.zeros((), device=x_train.device), []
+    for idx, flip in utils.batches(order, flips, world_size * args.batch_size, rank, world_size):
+        if step == total_steps:
+            break
+        utils.set_lr(optimizer, utils.lr_at(step, total_steps, args.lr, args.warmup))
+        flat_grads.zero_()
+        loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
+        t0 = time.perf_counter()
+        traffic.add(average_gradients_(flat_grads, comm, allreduce_, device_ok))
+        in_call.append(time.perf_counter() - t0)
+        optimizer.step()
+        step += 1
+    return step, loss_sum.item() / max(1, len(in_call)), np.array(in_call)
+
+
+def split_comm_and_wait(in_call, comm):
+    """Split this rank's time inside the all-reduce into (the all-reduce itself, waiting).
+
+    The time in the call is waiting for the last rank to arrive plus the all-reduce itself.
+    The last rank to arrive waits for no one, so per step the shortest time in the call over
+    ranks is the all-reduce itself; the rest is load imbalance (with more ranks than cores,
+    the OS runs some ranks later), not traffic.
+    """
+    shortest = in_call.copy()
+    comm.Allreduce(MPI.IN_PLACE, shortest, op=MPI.MIN)
+    return float(shortest.sum()), float(in_call.sum() - shortest.sum())
+
+
+def evaluate(model, test, comm):
+    """Test loss and accuracy: each rank evaluates a 1/N shard and the sums are added up,
+    N times less work than rank 0 alone."""
+    x_test, y_test = test
+    rank, world_size = comm.Get_rank(), comm.Get_size()
+    loss, correct = utils.evaluate(model, x_test[rank::world_size], y_test[rank::world_size])
+    loss, correct = comm.allreduce(np.array([loss, correct]))  # small: pickling is fine
+    return loss / len(x_test), 100 * correct / len(x_test)
+
+
+def parse_args(world_size):
+    parser = utils.get_parser("dist_sgd_serverless", __doc__.splitlines()[0], epochs=8,
+                              batch_size=utils.BASE_BATCH, lr=None,
+                              batch_help="samples per rank per step; the global batch is N x this")
+    parser.add_argument("--allreduce", choices=tuple(ALLREDUCE), default="mpi",
+                        help="mpi: MPI_Allreduce; ring, tree: written here from point-to-point calls")
+    args = parser.parse_args()
+    utils.check_args(args)
+    args.lr = args.lr or utils.scaled_lr(world_size * args.batch_size)
+    return args
+
 
 def main():
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
     is_root = rank == 0
     utils.abort_on_exception(comm)
-
-    parser = utils.get_parser(__doc__.splitlines()[0], epochs=8, batch_size=64, lr=None,
-                              batch_help="samples per rank per step; the global batch is N x this")
-    parser.add_argument("--allreduce", choices=tuple(ALLREDUCE), default="mpi",
-                        help="mpi: MPI_Allreduce; ring, tree: written here from point-to-point calls")
-    args = parser.parse_args()
-    utils.check_args(args)
+    args = parse_args(world_size)
+    device, threads = utils.setup(args, comm)
     global_batch = world_size * args.batch_size
-    args.lr = args.lr or utils.scaled_lr(global_batch)  # square-root scaling with the batch
-
-    # setup
-    device = utils.get_device(args.device)
-    threads = utils.set_threads(device)
-    utils.seed_everything(args.seed)
 
     # data: every rank holds the whole set and takes its strided share of each global batch
-    (x_train, y_train), (x_test, y_test) = utils.load_data(args, device, comm)
-    total_steps = utils.count_steps(len(x_train), global_batch, args)
+    train, test = utils.load_data(args, device, comm)
+    total_steps = utils.count_steps(len(train[0]), global_batch, args)
 
     # model: parameters and gradients live in two flat buffers, so one call moves them all
     model = utils.make_model(device, args.seed)
     flat_params, flat_grads = utils.flatten_parameters(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                nesterov=args.momentum > 0, weight_decay=args.weight_decay)
-    # What MPI reads and writes: on the CPU the flat buffers themselves; on a GPU, pinned
-    # host copies, unless MPI can read device memory (CUDA-aware; only MPI_Allreduce can).
-    cuda_aware = device.type == "cuda" and args.allreduce == "mpi" and utils.mpi_is_cuda_aware()
-    param_buf = utils.mpi_staging(flat_params, cuda_aware)
-    grad_buf = utils.mpi_staging(flat_grads, cuda_aware)
-
-    def broadcast_parameters_():
-        """Every replica starts from rank 0's weights. Seeding alone would also do here,
-        but this holds even when ranks' RNGs differ (another torch build, another GPU)."""
-        param_buf.copy_(flat_params)
-        comm.Bcast(utils.as_mpi_buffer(param_buf), root=0)
-        flat_params.copy_(param_buf)
-
-    allreduce_ = ALLREDUCE[args.allreduce]
-
-    def average_gradients_():
-        """Sum the flat gradient over ranks, then divide: every rank gets the global mean."""
-        utils.sync(device)
-        grad_buf.copy_(flat_grads)  # a no-op when grad_buf is flat_grads (CPU)
-        stats = allreduce_(utils.as_mpi_buffer(grad_buf), comm)
-        flat_grads.copy_(grad_buf)
-        flat_grads.div_(world_size)
-        return stats
-
-    # resume: a checkpoint holds everything the next epoch depends on; every rank reads it
-    history, step, start, sent, received = [], 0, 0, 0, 0
-    state = utils.load_checkpoint(args, "dist_sgd_serverless", world_size)
-    if state:
-        utils.restore(state, model, optimizer)
-        history, step, start = state["history"], state["step"], state["epoch"]
-        sent, received = state["traffic"][rank]
-
-    broadcast_parameters_()
-
+    optimizer = utils.make_optimizer(model.parameters(), args)
     utils.print0(f"dist_sgd_serverless | {world_size} ranks, allreduce={args.allreduce} | "
-                 f"{args.dataset}: {len(x_train)} train | {utils.num_params(model):,} params | "
+                 f"{args.dataset}: {len(train[0])} train | {utils.num_params(model):,} params | "
                  f"batch {world_size} x {args.batch_size} = {global_batch} | lr {args.lr:.4g} | "
                  f"{total_steps} steps | {device} x {threads} threads per rank")
 
-    if state:
-        utils.print0(f"resumed from {args.checkpoint}: epoch {start}, step {step}")
+    # resume: every rank reads the checkpoint; then all start from rank 0's weights
+    progress = utils.load_checkpoint(args, world_size, model, optimizer, dict(
+        epoch=0, step=0, history=[], wall_time=0.0, traffic=[[0, 0]] * world_size))
+    traffic = utils.Traffic(*progress["traffic"][rank])
+    broadcast_parameters_(flat_params, comm)
 
     # train
-    t_start = time.perf_counter()
-    for epoch in range(start, args.epochs):
-        if step == total_steps:
+    t_start = time.perf_counter() - progress["wall_time"]
+    for epoch in range(progress["epoch"], args.epochs):
+        if progress["step"] == total_steps:
             break
         t0 = time.perf_counter()
-        in_call = []  # seconds this rank spent inside the all-reduce, per step
-        order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
-        order, flips = order.to(device), flips.to(device)
-        loss_sum = torch.zeros((), device=device)
-        n_steps = 0
-        for idx, flip in utils.batches(order, flips, global_batch, rank, world_size):
-            if step == total_steps:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = utils.lr_at(step, total_steps, args.lr, args.warmup)
-            flat_grads.zero_()
-            loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
-            tc = time.perf_counter()
-            stats = average_gradients_()
-            in_call.append(time.perf_counter() - tc)
-            if stats["bytes_sent"] is not None:  # MPI_Allreduce does not say what it moved
-                sent += stats["bytes_sent"]
-                received += stats["bytes_recv"]
-            optimizer.step()
-            step += 1
-            n_steps += 1
+        step, train_loss, in_call = train_epoch(model, optimizer, flat_grads, train, epoch,
+                                                progress["step"], total_steps, args, comm, traffic)
         utils.sync(device)
         train_time = time.perf_counter() - t0
-        # Time inside the call = waiting for the last rank to arrive + the all-reduce itself.
-        # The last rank to arrive waits for no one, so per step the shortest time in the call
-        # over ranks is the all-reduce itself; the rest of this rank's time is waiting, which
-        # is load imbalance (with more ranks than cores, the OS runs some ranks later), not traffic.
-        in_call = np.array(in_call)
-        shortest = in_call.copy()
-        comm.Allreduce(MPI.IN_PLACE, shortest, op=MPI.MIN)
-        comm_time, wait_time = float(shortest.sum()), float(in_call.sum() - shortest.sum())
-
-        # Evaluate on a 1/N shard each and add up sums and counts: N times less work than rank 0 alone.
-        test_loss, correct = utils.evaluate(model, x_test[rank::world_size], y_test[rank::world_size])
-        train_loss, test_loss, correct = comm.allreduce(
-            np.array([loss_sum.item() / max(1, n_steps), test_loss, correct]))  # small: pickling is fine
-        history.append(dict(epoch=epoch + 1, steps=step, train_loss=train_loss / world_size,
-                            test_loss=test_loss / len(x_test), test_acc=100 * correct / len(x_test),
-                            train_time=train_time, comm_time=comm_time, wait_time=wait_time,
-                            step_time=train_time / max(1, n_steps),
-                            epoch_time=time.perf_counter() - t0))
-        h = history[-1]
+        comm_time, wait_time = split_comm_and_wait(in_call, comm)
+        train_loss = comm.allreduce(train_loss) / world_size
+        test_loss, test_acc = evaluate(model, test, comm)
+        h = dict(epoch=epoch + 1, steps=step, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
+                 train_time=train_time, comm_time=comm_time, wait_time=wait_time,
+                 step_time=train_time / max(1, len(in_call)), epoch_time=time.perf_counter() - t0)
         utils.print0(f"epoch {h['epoch']:3d}/{args.epochs} | train loss {h['train_loss']:.4f} | "
                      f"test acc {h['test_acc']:6.2f}% | {h['epoch_time']:6.1f} s | "
                      f"wait {wait_time:5.2f} s | comm {comm_time:5.2f} s")
-        if not math.isfinite(h["train_loss"]):
-            utils.fail(f"training diverged (train loss {h['train_loss']}); lower --lr", code=1)
-        if args.checkpoint:
-            traffic = comm.gather((sent, received), root=0)  # each rank's byte counts so far
-            if is_root:  # the replicas are identical: rank 0's state is everyone's
-                utils.save_checkpoint(args.checkpoint, utils.checkpoint(
-                    "dist_sgd_serverless", args, world_size, model, optimizer,
-                    epoch=epoch + 1, step=step, history=history, traffic=traffic))
+        if not math.isfinite(train_loss):
+            utils.fail(f"training diverged (train loss {train_loss}); lower --lr", code=1)
+        progress.update(epoch=epoch + 1, step=step, history=progress["history"] + [h],
+                        wall_time=time.perf_counter() - t_start,
+                        traffic=comm.allgather([traffic.sent, traffic.received]))
+        if args.checkpoint and is_root:  # the replicas are identical: rank 0's state is everyone's
+            utils.save_checkpoint(args, world_size, model, optimizer, progress)
 
-    # report
-    wall = time.perf_counter() - t_start
-    # The replicas must still be identical: any drift would mean a broken all-reduce.
+    # report: the replicas must still be identical; any drift would mean a broken all-reduce
     checksums = comm.gather(float(flat_params.double().sum()), root=0)
     counted = args.allreduce != "mpi"  # null in the JSON: the library chose its own algorithm
-    per_rank_bytes = comm.gather({"bytes_sent": sent if counted else None,
-                                  "bytes_recv": received if counted else None}, root=0)
+    per_rank_bytes = comm.gather({"bytes_sent": traffic.sent if counted else None,
+                                  "bytes_recv": traffic.received if counted else None}, root=0)
     if is_root:
-        assert len(set(checksums)) == 1, f"replicas diverged: parameter sums {checksums}"
+        if len(set(checksums)) != 1:
+            utils.fail(f"the replicas diverged: parameter sums {checksums}", code=1)
+        history = progress["history"]
         print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
-        utils.save_results(utils.results_path(args, __file__), dict(
+        train_time = sum(h["train_time"] for h in history)
+        utils.save_results(args.results, dict(
             script="dist_sgd_serverless", config=vars(args), world_size=world_size,
             global_batch=global_batch, threads=threads, device=str(device),
-            params=utils.num_params(model), steps=step, wall_time=wall,
+            params=utils.num_params(model), steps=progress["step"], wall_time=time.perf_counter() - t_start,
             final_test_acc=history[-1]["test_acc"], history=history, bytes_per_rank=per_rank_bytes,
-            comm_fraction=sum(h["comm_time"] for h in history) / sum(h["train_time"] for h in history),
-            wait_fraction=sum(h["wait_time"] for h in history) / sum(h["train_time"] for h in history)))
+            comm_fraction=sum(h["comm_time"] for h in history) / train_time,
+            wait_fraction=sum(h["wait_time"] for h in history) / train_time))
         if args.save_model:
-            torch.save(utils.parameters_vector(model), args.save_model)
+            utils.save_model(args.save_model, model)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@
     (as root or in Colab, add: --allow-run-as-root --oversubscribe)
 
 Rank 0 is the server and holds the global model; ranks 1..N-1 host the clients, each of
-which owns a fixed shard of the training set (utils.split_indices). Each round, as in
-McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data":
+which owns a fixed shard of the training set (split_indices). Each round, as in
+McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", Algorithm 1 (server_round is its "Server executes", client_update its "ClientUpdate"):
   1. the server samples the round's clients and sends each of their ranks the global
      weights, one flat float32 buffer of P values;
   2. each sampled client starts from those weights and runs --local-epochs passes of SGD
@@ -37,8 +38,110 @@ from mpi4py import MPI
 
 import utils
 
+SERVER = 0
 # Q5: change to "non-iid" (or pass --split-method non-iid) to give each client only a few classes.
 split_method = "iid"
+
+
+# ----- the clients' data: each owns a fixed shard of the training set -----
+
+SPLIT_METHODS = ("iid", "non-iid")
+
+
+def split_indices(labels, num_clients, method, seed, alpha=None):
+    """Deal the training indices out to clients: a list of `num_clients` sorted int64 tensors.
+
+    Every index goes to exactly one client, every client gets at least one, and the same
+    (labels, num_clients, method, seed, alpha) always gives the same split.
+      iid                a seeded shuffle cut into near-equal parts (sizes differ by at most 1).
+      non-iid            label skew, the "pathological" split of McMahan et al. 2017: sort by
+                         label, cut into 2 x num_clients equal shards, deal each client 2 random
+                         shards. A client sees 2 classes when shards align with classes (10
+                         classes, 5 clients), up to 4 when a shard straddles two (4 clients).
+      non-iid, alpha=a   Dirichlet label skew (Hsu et al. 2019): each class is divided among the
+                         clients in proportions drawn from Dirichlet(a, ..., a). Small a (0.1):
+                         few classes per client and unequal sizes; large a (1000): nearly iid.
+    Raises ValueError, with a message for the user, when the request cannot be met.
+    """
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"unknown split method {method!r}; choose from {', '.join(SPLIT_METHODS)}")
+    if alpha is not None and method != "non-iid":
+        raise ValueError(f"alpha (a Dirichlet split) applies only to the non-iid split, not {method}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    y = torch.as_tensor(labels).cpu().numpy()
+    needed = 2 * num_clients if method == "non-iid" and alpha is None else num_clients
+    if not 1 <= needed <= len(y):
+        raise ValueError(f"cannot split {len(y)} samples into {needed} non-empty "
+                         f"{'shards' if needed > num_clients else 'parts'} for {num_clients} clients")
+    rng = np.random.default_rng(seed)
+
+    if method == "iid":
+        parts = np.array_split(rng.permutation(len(y)), num_clients)
+    elif alpha is None:
+        order = rng.permutation(len(y))
+        order = order[np.argsort(y[order], kind="stable")]  # sorted by label, random within a label
+        shards = np.array_split(order, 2 * num_clients)
+        deal = rng.permutation(2 * num_clients)
+        parts = [np.concatenate([shards[deal[2 * i]], shards[deal[2 * i + 1]]]) for i in range(num_clients)]
+    else:
+        pieces = [[] for _ in range(num_clients)]
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients))[:-1] * len(idx)).astype(int)
+            for client, piece in enumerate(np.split(idx, cuts)):
+                pieces[client].append(piece)
+        parts = [np.concatenate(p) for p in pieces]
+        # Small alpha can leave a client with nothing: it takes one sample from the largest.
+        for i in range(num_clients):
+            if len(parts[i]) == 0:
+                j = max(range(num_clients), key=lambda k: len(parts[k]))
+                parts[i], parts[j] = parts[j][-1:], parts[j][:-1]
+    return [torch.from_numpy(np.sort(p)) for p in parts]
+
+
+def plot_split(labels, parts, title, path):
+    """Save a stacked bar chart of each client's class counts to `path` (a PNG).
+
+    Uses matplotlib's Figure directly, which renders with Agg and never touches pyplot's
+    global backend, so it is safe in scripts, tests and notebooks alike; imported here so
+    that importing utils stays fast.
+    """
+    from matplotlib.figure import Figure
+
+    labels = torch.as_tensor(labels).cpu()
+    counts = torch.stack([torch.bincount(labels[p.cpu()], minlength=len(utils.CLASSES)) for p in parts]).numpy()
+    clients = np.arange(len(parts))
+    fig = Figure(figsize=(min(16, 4 + 0.4 * len(parts)), 4.5))
+    ax = fig.subplots()
+    bottom = np.zeros(len(parts))
+    for c, name in enumerate(utils.CLASSES):
+        bars = ax.bar(clients, counts[:, c], bottom=bottom, width=0.8, color=f"C{c}", label=name)
+        bottom += counts[:, c]
+    if len(parts) <= 20:  # total on top of each bar, while there is room for it
+        ax.bar_label(bars, labels=[f"{int(t)}" for t in bottom], fontsize=8)
+    ax.set_xticks(clients if len(parts) <= 20 else clients[::max(1, len(parts) // 20)])
+    ax.set_ylim(0, 1.1 * bottom.max())  # headroom for the totals
+    ax.set_xlabel("client")
+    ax.set_ylabel("training samples")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="class")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def client_batches(shard, batch_size, epochs, seed):
+    """Yield (indices, flip mask) for `epochs` passes over a client's `shard` of indices.
+
+    Each pass is a fresh seeded permutation of the shard, cut into full batches the way
+    utils.batches cuts the global order (make_shards refuses shards smaller than a batch).
+    """
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = shard[torch.randperm(len(shard), generator=g).to(shard.device)]
+        flips = (torch.rand(len(shard), generator=g) < 0.5).to(shard.device)
+        yield from utils.batches(order, flips, batch_size)
 
 
 # ----- communication: one function per pattern -----
@@ -62,10 +165,10 @@ def wait_quietly(requests, interval=1e-3):
 def send_global_model_(buf, comm, workers):
     """Server: send `buf`, the P global weights, to each rank in `workers`.
     A rank in `workers`: receive them into `buf`, in place."""
-    if comm.Get_rank() == 0:
+    if comm.Get_rank() == SERVER:
         wait_quietly([comm.Isend(buf, dest=w) for w in workers])
         return {"bytes_sent": len(workers) * buf.nbytes, "bytes_recv": 0}
-    wait_quietly([comm.Irecv(buf, source=0)])
+    wait_quietly([comm.Irecv(buf, source=SERVER)])
     return {"bytes_sent": 0, "bytes_recv": buf.nbytes}
 
 
@@ -77,16 +180,16 @@ def reduce_weighted_sums_(buf, comm, workers):
     mean comes out right however the clients sit on ranks. All receives are posted at once,
     so a client that finishes early is not kept waiting for one that finishes late.
     """
-    if comm.Get_rank() == 0:
+    if comm.Get_rank() == SERVER:
         parts = np.empty((len(workers), len(buf)), dtype=buf.dtype)
         wait_quietly([comm.Irecv(parts[i], source=w) for i, w in enumerate(workers)])
         np.sum(parts, axis=0, out=buf)  # in rank order, so the result is reproducible
         return {"bytes_sent": 0, "bytes_recv": parts.nbytes}
-    wait_quietly([comm.Isend(buf, dest=0)])
+    wait_quietly([comm.Isend(buf, dest=SERVER)])
     return {"bytes_sent": buf.nbytes, "bytes_recv": 0}
 
 
-# ----- local training -----
+# ----- the two roles: Algorithm 1 of McMahan et al. 2017 -----
 
 def local_steps(shard_size, args):
     """SGD steps a client with `shard_size` samples takes per round."""
@@ -94,46 +197,76 @@ def local_steps(shard_size, args):
     return min(steps, args.max_steps or steps)
 
 
-def client_update(model, x, y, shard, client, round_, args):
-    """Train `model`, which holds the global weights, on one client's shard for one round.
-
-    The optimizer is new each round: momentum does not carry over from a model the
-    server has since replaced. Returns (summed loss, steps).
-    """
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                nesterov=args.momentum > 0, weight_decay=args.weight_decay)
+def client_update(model, train, shard, client, round_, args):
+    """ClientUpdate(k, w): train `model`, which holds the global weights w, for --local-epochs
+    passes over client k's shard. The optimizer is new each round: momentum does not carry
+    over from a model the server has since replaced. Returns (summed loss, steps)."""
+    x_train, y_train = train
+    optimizer = utils.make_optimizer(model.parameters(), args)
     steps = local_steps(len(shard), args)
-    seed = utils.client_seed(args.seed, round_, client)
-    batches = utils.client_batches(shard, args.batch_size, args.local_epochs, seed)
-    loss_sum = torch.zeros((), device=x.device)
+    batches = client_batches(shard, args.batch_size, args.local_epochs, utils.stream_seed(args.seed, round_, client))
+    loss_sum = torch.zeros((), device=x_train.device)
     for s, (idx, flip) in enumerate(itertools.islice(batches, steps)):
-        for group in optimizer.param_groups:
-            group["lr"] = utils.lr_at(round_ * steps + s, args.rounds * steps, args.lr, args.warmup)
+        utils.set_lr(optimizer, utils.lr_at(round_ * steps + s, args.rounds * steps, args.lr, args.warmup))
         optimizer.zero_grad(set_to_none=False)  # keep .grad as views into the flat buffer
-        loss_sum += utils.train_step(model, x[idx], y[idx], flip)
+        loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
         optimizer.step()
-    return loss_sum, steps
+    return loss_sum.item(), steps
+
+
+def server_round(flat_params, sums, workers, comm, traffic):
+    """Server executes, one round: send the global weights w to the ranks of the round's
+    clients, wait while they train, add up what they return, and set w = sum n_k w_k / sum n_k.
+    Returns the seconds spent sending."""
+    t0 = time.perf_counter()
+    with utils.staged(flat_params, write=False) as buf:
+        traffic.add(send_global_model_(buf, comm, workers))
+    send_time = time.perf_counter() - t0
+    with utils.staged(sums, read=False) as buf:  # the server adds the parts up with numpy
+        traffic.add(reduce_weighted_sums_(buf, comm, workers))
+    flat_params.copy_(sums[:-1] / sums[-1])  # the FedAvg step
+    return send_time
+
+
+def client_round(model, flat_params, sums, train, shards, clients, round_, args, comm, traffic):
+    """On a client rank: receive the global weights, run client_update for each of this
+    round's `clients` hosted here (each from the global weights), and send back
+    [sum n_k w_k, sum n_k] over them. Returns (summed loss, steps, training and upload seconds)."""
+    with utils.staged(flat_params, read=False) as buf:
+        traffic.add(send_global_model_(buf, comm, None))
+    t0 = time.perf_counter()
+    global_weights = flat_params.clone()
+    sums.zero_()
+    loss_sum, n_steps = 0.0, 0
+    for k in clients:
+        flat_params.copy_(global_weights)
+        loss, steps = client_update(model, train, shards[k], k, round_, args)
+        sums[:-1] += len(shards[k]) * flat_params  # n_k w_k
+        sums[-1] += len(shards[k])                 # n_k
+        loss_sum, n_steps = loss_sum + loss, n_steps + steps
+    utils.sync(flat_params.device)
+    train_time = time.perf_counter() - t0
+    with utils.staged(sums, write=False) as buf:
+        traffic.add(reduce_weighted_sums_(buf, comm, None))
+    return loss_sum, n_steps, train_time, time.perf_counter() - t0 - train_time
 
 
 # ----- training -----
 
-def main():
-    comm = MPI.COMM_WORLD
-    rank, world_size = comm.Get_rank(), comm.Get_size()
-    is_root = rank == 0  # the server
-    utils.abort_on_exception(comm)
-
-    parser = utils.get_parser(__doc__.splitlines()[0], epochs=None, batch_size=64, lr=0.05,
-                              batch_help="samples per client SGD step",
-                              max_steps_help="cap on each client's SGD steps per round (1 with "
-                                             "--momentum 0: FedSGD)")
+def parse_args(world_size):
+    parser = utils.get_parser(
+        "fed_avg", __doc__.splitlines()[0], epochs=None, batch_size=utils.BASE_BATCH, lr=utils.BASE_LR,
+        batch_help="samples per client SGD step",
+        max_steps_help="cap on each client's SGD steps per round (1 with --momentum 0: FedSGD)",
+        results_help="results JSON path; default: results/fed_avg_<split>.json, e.g. fed_avg_iid.json, "
+                     "fed_avg_non-iid_alpha0.1.json")
     # federated learning
     parser.add_argument("--rounds", type=utils.positive(int), default=10,
                         help="communication rounds: the server updates the global model once per round")
     parser.add_argument("--local-epochs", type=utils.positive(int), default=1,
                         help="passes each client makes over its own shard per round (E)")
-    parser.add_argument("--split-method", choices=utils.SPLIT_METHODS, default=split_method,
-                        help="how the training set is dealt to clients (see utils.split_indices)")
+    parser.add_argument("--split-method", choices=SPLIT_METHODS, default=split_method,
+                        help="how the training set is dealt to clients (see split_indices)")
     parser.add_argument("--alpha", type=utils.positive(float), default=None,
                         help="non-iid only: Dirichlet(alpha) label skew instead of 2 shards per "
                              "client; smaller is more skewed")
@@ -143,36 +276,29 @@ def main():
                         help="fraction C of the clients that train each round")
     parser.add_argument("--figures-dir", default="figures", help="where the data-distribution plot goes")
     args = parser.parse_args()
+    args.split = args.split_method + (f"_alpha{args.alpha:g}" if args.alpha else "")  # names the outputs
+    args.results = args.results or os.path.join("results", f"fed_avg_{args.split}.json")
     utils.check_args(args)
     if world_size < 2:
         utils.fail("FedAvg needs a server and at least one client: mpirun -n 5 python fed_avg.py "
                    "(rank 0 serves, ranks 1-4 are clients)")
-    if args.seed < 0:
-        utils.fail(f"--seed must be >= 0, got {args.seed}")
     args.num_clients = args.num_clients or world_size - 1
     if args.num_clients < world_size - 1:
         utils.fail(f"--num-clients {args.num_clients} leaves ranks idle: give each of the "
                    f"{world_size - 1} client ranks at least one client, or start fewer ranks")
     if not 0 < args.client_fraction <= 1:
         utils.fail(f"--client-fraction must be in (0, 1], got {args.client_fraction}")
+    return args
+
+
+def make_shards(args, y_train, comm):
+    """Every rank computes the same seeded split; rank 0 plots it. Returns the shards and a title."""
     if args.split_method == "iid":
-        split_name = "iid"
-    elif args.alpha:
-        split_name = f"non-iid, Dirichlet(alpha={args.alpha:g})"
+        title = "iid"
     else:
-        split_name = "non-iid, 2 label shards per client"
-    tag = args.split_method + (f"_alpha{args.alpha:g}" if args.alpha else "")  # names the output files
-    args.results = args.results or os.path.join("results", f"fed_avg_{tag}.json")
-
-    # setup
-    device = utils.get_device(args.device)
-    threads = utils.set_threads(device)
-    utils.seed_everything(args.seed)
-
-    # data: every rank loads it all and computes the same split; a client trains on its shard only
-    (x_train, y_train), (x_test, y_test) = utils.load_data(args, device, comm)
+        title = f"non-iid, Dirichlet(alpha={args.alpha:g})" if args.alpha else "non-iid, 2 label shards per client"
     try:
-        shards = utils.split_indices(y_train, args.num_clients, args.split_method, args.seed, args.alpha)
+        shards = split_indices(y_train, args.num_clients, args.split_method, args.seed, args.alpha)
     except ValueError as e:
         utils.fail(str(e))
     sizes = [len(s) for s in shards]  # n_k, the FedAvg weights
@@ -184,141 +310,103 @@ def main():
     fingerprint = sizes + [int(s.sum()) for s in shards]
     if any(other != fingerprint for other in comm.allgather(fingerprint)):
         utils.fail("ranks computed different client splits", code=1)
-    host = [1 + k % (world_size - 1) for k in range(args.num_clients)]  # client k runs on rank host[k]
-    shards = [s.to(device) for s in shards]
-    per_round = max(1, round(args.client_fraction * args.num_clients))
-    steps = [local_steps(n, args) for n in sizes]
-    steps_text = f"{steps[0]}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
-
-    if is_root:
-        figure = os.path.join(args.figures_dir, f"data_distribution_{tag}.png")
+    if comm.Get_rank() == SERVER:
         dataset = {"cifar10": "CIFAR-10"}.get(args.dataset, args.dataset)
-        utils.plot_split(y_train, shards, f"{split_name}\n{len(y_train)} {dataset} training samples "
-                         f"over {args.num_clients} clients", figure)
+        figure = os.path.join(args.figures_dir, f"data_distribution_{args.split}.png")
+        plot_split(y_train, shards, f"{title}\n{len(y_train)} {dataset} training samples over "
+                   f"{args.num_clients} clients", figure)
+        print(f"wrote {figure}", flush=True)
+    return [s.to(y_train.device) for s in shards], title
+
+
+def round_table(row, comm):
+    """Every rank's row of round statistics, to every rank (an all-gather, waited for quietly)."""
+    row = np.array(row, dtype=np.float64)
+    table = np.empty((comm.Get_size(), len(row)))
+    wait_quietly([comm.Iallgather(row, table)])
+    return table
+
+
+def main():
+    comm = MPI.COMM_WORLD
+    rank, world_size = comm.Get_rank(), comm.Get_size()
+    is_root = rank == SERVER  # it also evaluates, prints and saves
+    utils.abort_on_exception(comm)
+    args = parse_args(world_size)
+    device, threads = utils.setup(args, comm, outputs=[args.figures_dir + os.sep])
+
+    # data: every rank loads it all and computes the same split; a client trains on its shard only
+    train, (x_test, y_test) = utils.load_data(args, device, comm)
+    shards, split_title = make_shards(args, train[1], comm)
+    host = [1 + k % (world_size - 1) for k in range(args.num_clients)]  # client k runs on rank host[k]
+    per_round = max(1, round(args.client_fraction * args.num_clients))
+    steps = [local_steps(len(s), args) for s in shards]
 
     # model: the weights live in one flat buffer, so one call moves them all
     model = utils.make_model(device, args.seed)
     flat_params, _ = utils.flatten_parameters(model)
-    P = len(flat_params)
-    sums = torch.zeros(P + 1, device=device)  # [sum_k n_k w_k, sum_k n_k]
-    # What MPI reads and writes. On the CPU: the same memory, no copy. On a GPU: pinned host
-    # copies, even for a CUDA-aware MPI, since the server adds the clients' sums with numpy.
-    model_buf = utils.mpi_staging(flat_params, cuda_aware=False)
-    sums_buf = utils.mpi_staging(sums, cuda_aware=False)
-    staged = model_buf is not flat_params
-
+    sums = torch.zeros(len(flat_params) + 1, device=device)  # [sum_k n_k w_k, sum_k n_k]
     utils.print0(f"fed_avg | server + {world_size - 1} client ranks | {args.num_clients} clients, "
-                 f"{per_round} per round | {split_name} | {args.dataset}: {len(x_train)} train | "
-                 f"{P:,} params | local: {args.local_epochs} epoch(s) = {steps_text} steps "
-                 f"of {args.batch_size}, lr {args.lr:g} | {args.rounds} rounds | "
-                 f"{device} x {threads} threads per rank")
-    if is_root:
-        print(f"wrote {figure}", flush=True)
+                 f"{per_round} per round | {split_title} | {args.dataset}: {len(train[0])} train | "
+                 f"{len(flat_params):,} params | local: {args.local_epochs} epoch(s) = {min(steps)}"
+                 f"{'' if min(steps) == max(steps) else f'-{max(steps)}'} steps of {args.batch_size}, "
+                 f"lr {args.lr:g} | {args.rounds} rounds | {device} x {threads} threads per rank")
 
+    # resume: a round depends only on the global model, the client sampler and the metrics
     sampler = torch.Generator().manual_seed(args.seed)  # which clients train: a stream of its own
-
-    # resume: the global model, the client sampler and the metrics are all a round depends on
-    # (clients start each round from the global model with a fresh optimizer); every rank reads it
-    history, start, traffic = [], 0, np.zeros((world_size, 2))
-    state = utils.load_checkpoint(args, "fed_avg", world_size)
-    if state:
-        utils.restore(state, model, None)
-        sampler.set_state(state["sampler"])
-        history, start, traffic = state["history"], state["round"], np.array(state["traffic"])
-        utils.print0(f"resumed from {args.checkpoint}: round {start}")
-    sent, received = traffic[rank]
+    progress = utils.load_checkpoint(args, world_size, model, None, dict(
+        round=0, history=[], wall_time=0.0, traffic=[[0, 0]] * world_size, sampler=sampler.get_state()))
+    sampler.set_state(progress["sampler"])
+    traffic = utils.Traffic(*progress["traffic"][rank])
 
     # train
-    t_start = time.perf_counter()
-    for round_ in range(start, args.rounds):
+    t_start = time.perf_counter() - progress["wall_time"]
+    for round_ in range(progress["round"], args.rounds):
         t0 = time.perf_counter()
         clients = sorted(torch.randperm(args.num_clients, generator=sampler)[:per_round].tolist())
         workers = sorted({host[k] for k in clients})  # the ranks this round's clients run on
-        mine = [k for k in clients if host[k] == rank]
-        loss_sum, n_steps, train_time, comm_time = 0.0, 0, 0.0, 0.0
-
+        loss_sum, n_steps, train_time, comm_time = 0.0, 0, 0.0, 0.0  # a rank with no client sits out
         if is_root:
-            # 1. send the global weights to the ranks of this round's clients
-            if staged:
-                model_buf.copy_(flat_params)
-            tc = time.perf_counter()
-            moved = [send_global_model_(utils.as_mpi_buffer(model_buf), comm, workers)]
-            comm_time = time.perf_counter() - tc
-            # 2. wait while they train; 3. add up their sums and counts, then divide
-            moved.append(reduce_weighted_sums_(utils.as_mpi_buffer(sums_buf), comm, workers))
-            if staged:
-                sums.copy_(sums_buf)
-            flat_params.copy_(sums[:P] / sums[P])  # the FedAvg step: sum n_k w_k / sum n_k
-
-        elif mine:
-            # 1. receive the global weights
-            moved = [send_global_model_(utils.as_mpi_buffer(model_buf), comm, workers)]
-            if staged:
-                flat_params.copy_(model_buf)
-            # 2. each client hosted here trains on its own shard, starting from the global weights
-            t1 = time.perf_counter()
-            global_weights = flat_params.clone()
-            sums.zero_()
-            for k in mine:
-                flat_params.copy_(global_weights)
-                loss, steps_run = client_update(model, x_train, y_train, shards[k], k, round_, args)
-                sums[:P] += sizes[k] * flat_params  # n_k w_k
-                sums[P] += sizes[k]                 # n_k
-                loss_sum, n_steps = loss_sum + loss.item(), n_steps + steps_run
-            utils.sync(device)
-            train_time = time.perf_counter() - t1
-            # 3. send back sum n_k w_k and sum n_k over those clients
-            if staged:
-                sums_buf.copy_(sums)
-            tc = time.perf_counter()
-            moved.append(reduce_weighted_sums_(utils.as_mpi_buffer(sums_buf), comm, workers))
-            comm_time = time.perf_counter() - tc
-        else:
-            moved = []  # no client of this rank was sampled: it sits the round out
-        sent += sum(m["bytes_sent"] for m in moved)
-        received += sum(m["bytes_recv"] for m in moved)
-
-        # Round statistics, one row per rank, to every rank: all stop together if training diverged.
-        row = np.array([loss_sum, n_steps, train_time, comm_time, sent, received], dtype=np.float64)
-        table = np.empty((world_size, len(row)))
-        wait_quietly([comm.Iallgather(row, table)])
+            comm_time = server_round(flat_params, sums, workers, comm, traffic)
+        elif rank in workers:
+            loss_sum, n_steps, train_time, comm_time = client_round(
+                model, flat_params, sums, train, shards, [k for k in clients if host[k] == rank], round_,
+                args, comm, traffic)
+        # every rank's statistics to every rank: all stop together if training diverged
+        table = round_table([loss_sum, n_steps, train_time, comm_time, traffic.sent, traffic.received], comm)
         train_loss = table[:, 0].sum() / max(1, table[:, 1].sum())
         if not np.isfinite(train_loss):
             utils.fail(f"training diverged (train loss {train_loss}); lower --lr", code=1)
+        progress.update(round=round_ + 1, sampler=sampler.get_state(), traffic=table[:, 4:].tolist())
         if is_root:
             round_time = time.perf_counter() - t0
             test_loss, correct = utils.evaluate(model, x_test, y_test)
-            history.append(dict(
-                round=round_ + 1, clients=clients, train_loss=train_loss,
-                test_loss=test_loss / len(x_test), test_acc=100 * correct / len(x_test),
-                train_time=table[1:, 2].max(),  # the slowest client rank
-                # moving weights: the server's sends, then the slowest upload (not the waiting)
-                comm_time=table[0, 3] + table[1:, 3].max(),
-                round_time=round_time, eval_time=time.perf_counter() - t0 - round_time))
-            h = history[-1]
+            h = dict(round=round_ + 1, clients=clients, train_loss=train_loss, test_loss=test_loss / len(x_test),
+                     test_acc=100 * correct / len(x_test), train_time=table[1:, 2].max(),  # the slowest client rank
+                     # moving weights: the server's sends, then the slowest upload (not the waiting)
+                     comm_time=table[0, 3] + table[1:, 3].max(),
+                     round_time=round_time, eval_time=time.perf_counter() - t0 - round_time)
             print(f"round {h['round']:3d}/{args.rounds} | train loss {h['train_loss']:.4f} | "
                   f"test acc {h['test_acc']:6.2f}% | {h['round_time'] + h['eval_time']:6.1f} s | "
                   f"comm {h['comm_time']:5.2f} s", flush=True)
-        traffic = table[:, 4:]  # every rank's bytes so far
-        if args.checkpoint and is_root:  # the server's weights are the global model
-            utils.save_checkpoint(args.checkpoint, utils.checkpoint(
-                "fed_avg", args, world_size, model, None, history, round=round_ + 1,
-                sampler=sampler.get_state(), traffic=traffic.tolist()))
+            progress.update(history=progress["history"] + [h], wall_time=time.perf_counter() - t_start)
+            if args.checkpoint:  # the server's weights are the global model
+                utils.save_checkpoint(args, world_size, model, None, progress)
 
     # report
-    wall = time.perf_counter() - t_start
     if is_root:
-        per_rank_bytes = [{"bytes_sent": int(s), "bytes_recv": int(r)} for s, r in traffic]
+        history = progress["history"]
         print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
-        class_counts = [torch.bincount(y_train[s], minlength=len(utils.CLASSES)).tolist() for s in shards]
         utils.save_results(args.results, dict(
-            script="fed_avg", config=vars(args), world_size=world_size, split=split_name,
-            clients_per_round=per_round, client_sizes=sizes, client_ranks=host,
-            client_class_counts=class_counts, local_steps=steps, threads=threads, device=str(device),
-            params=P, wall_time=wall, final_test_acc=history[-1]["test_acc"], history=history,
-            bytes_per_rank=per_rank_bytes, figure=figure))
+            script="fed_avg", config=vars(args), world_size=world_size, split=split_title,
+            clients_per_round=per_round, client_sizes=[len(s) for s in shards], client_ranks=host,
+            client_class_counts=[torch.bincount(train[1][s], minlength=len(utils.CLASSES)).tolist() for s in shards],
+            local_steps=steps, threads=threads, device=str(device), params=len(flat_params),
+            wall_time=time.perf_counter() - t_start, final_test_acc=history[-1]["test_acc"], history=history,
+            bytes_per_rank=[{"bytes_sent": int(s), "bytes_recv": int(r)} for s, r in progress["traffic"]],
+            figure=os.path.join(args.figures_dir, f"data_distribution_{args.split}.png")))
         if args.save_model:
-            torch.save(utils.parameters_vector(model), args.save_model)
+            utils.save_model(args.save_model, model)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
-"""What all four scripts share: flags, setup, data, model, batching, splits, evaluation, logging,
-checkpoints.
+"""What the four scripts share: flags, setup, MPI buffers, data, batching, the model, evaluation,
+results and checkpoints. What only one script uses lives in that script (FedAvg's client
+splits are in fed_avg.py).
 
 Communication is deliberately NOT here: each script shows its own pattern (all-reduce,
 gather to a server, FedAvg weighting) so that a reader sees it without jumping files.
 This module imports no MPI, so that `python cent_sgd.py` works before mpi4py is installed.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import pickle
 import platform
 import random
+import resource
 import sys
 import time
 
@@ -30,6 +33,9 @@ LOCAL_RANK = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MP
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+# cent_sgd.py's lr and batch; the distributed scripts scale the lr from these (scaled_lr)
+BASE_LR, BASE_BATCH = 0.05, 64
 
 
 def print0(*args, **kwargs):
@@ -90,8 +96,9 @@ def positive(kind):
     return parse
 
 
-def get_parser(description, *, epochs, batch_size, lr, batch_help="samples per step",
-               max_steps_help="stop after this many optimizer steps (tests, quick looks)"):
+def get_parser(script, description, *, epochs, batch_size, lr, batch_help="samples per step",
+               max_steps_help="stop after this many optimizer steps (tests, quick looks)",
+               results_help=None):
     """The flags every script shares, with per-script defaults. Scripts add their own.
     epochs=None leaves --epochs out (FedAvg counts rounds instead)."""
     p = ArgumentParser(description=description, formatter_class=HelpFormatter)
@@ -100,11 +107,11 @@ def get_parser(description, *, epochs, batch_size, lr, batch_help="samples per s
         p.add_argument("--epochs", type=positive(int), default=epochs, help="passes over the training set")
     p.add_argument("--batch-size", type=positive(int), default=batch_size, help=batch_help)
     p.add_argument("--lr", type=positive(float), default=lr, help="peak learning rate of the one-cycle schedule" + (
-        "; default: 0.05 x sqrt(global batch / 64), cent_sgd.py's lr scaled with the batch" if lr is None else ""))
+        "; default: cent_sgd.py's lr, scaled by sqrt(global batch / its batch) (utils.scaled_lr)" if lr is None else ""))
     p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum; 0 for plain SGD")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty")
     p.add_argument("--warmup", type=float, default=0.2, help="fraction of steps spent ramping the lr up")
-    p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and augmentation")
+    p.add_argument("--seed", type=int, default=0, help="seed (>= 0) for model init, data order and augmentation")
     # data
     p.add_argument("--dataset", choices=("cifar10", "synthetic"), default="cifar10",
                    help="synthetic: small, CIFAR-shaped and learnable; needs no download")
@@ -113,8 +120,10 @@ def get_parser(description, *, epochs, batch_size, lr, batch_help="samples per s
                    help="train on the first N training samples only (quick looks, tests); default: all")
     # system
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
-    p.add_argument("--results", default=None, help="results JSON path; default: results/<script>.json")
-    p.add_argument("--save-model", default=None, metavar="PATH", help="save the final weights, one vector in parameter order (torch.save)")
+    p.add_argument("--results", default=None,
+                   help=results_help or f"results JSON path; default: results/{script}.json")
+    p.add_argument("--save-model", default=None, metavar="PATH",
+                   help="save the final weights, one vector in parameter order (torch.save), atomically")
     p.add_argument("--max-steps", type=positive(int), default=None, help=max_steps_help)
     # checkpoints
     p.add_argument("--checkpoint", default=None, metavar="PATH",
@@ -122,6 +131,7 @@ def get_parser(description, *, epochs, batch_size, lr, batch_help="samples per s
                         "every rank must be able to read it (one machine, or a shared disk)")
     p.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint when it exists; the flags must match the run that wrote it")
+    p.set_defaults(script=script)
     return p
 
 
@@ -133,11 +143,48 @@ def check_args(args):
         fail(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup < 1:
         fail(f"--warmup must be in [0, 1), got {args.warmup}")
+    if args.seed < 0:
+        fail(f"--seed must be >= 0, got {args.seed}")
     if args.resume and not args.checkpoint:
         fail("--resume needs --checkpoint PATH, the file to resume from")
+    args.results = args.results or os.path.join("results", f"{args.script}.json")
 
 
 # ----------------------------------------------------------------------------- setup
+
+def setup(args, comm=None, outputs=()):
+    """Check that every output can be written, pick the device and threads, seed the RNGs.
+    Returns (device, threads per rank)."""
+    check_writable([args.results, args.save_model, args.checkpoint, *outputs], comm)
+    device = get_device(args.device)
+    threads = set_threads(device)
+    seed_everything(args.seed)
+    return device, threads
+
+
+def check_writable(paths, comm=None):
+    """Refuse, before any training, an output path that cannot be written (a missing parent
+    that cannot be made, a read-only folder), rather than with a traceback after an epoch.
+
+    Rank 0 writes the outputs, so rank 0 tries, and tells the other ranks what it found
+    (agree), so that all ranks exit together.
+    A path ending in a separator is a folder (FedAvg's figures); others are files.
+    """
+    error = None
+    if RANK == 0:
+        for path in filter(None, paths):
+            folder = path if path.endswith(os.sep) else os.path.dirname(path) or "."
+            try:
+                os.makedirs(folder, exist_ok=True)
+                probe = os.path.join(folder, f".write-test-{os.getpid()}")
+                with open(probe, "w"):
+                    pass
+                os.remove(probe)
+            except OSError as e:
+                error = f"cannot write {path} ({e.strerror or type(e).__name__})"
+                break
+    agree(error, comm)
+
 
 def seed_everything(seed):
     random.seed(seed)
@@ -167,17 +214,22 @@ def set_threads(device):
 
 
 def sync(device):
-    """Wait for queued GPU work, so that a timer or an MPI call sees finished results."""
+    """Wait for queued GPU work, so that a timer sees finished results."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def mpi_is_cuda_aware():
-    """True if the MPI library can read GPU memory itself (Open MPI's MPIX_Query_cuda_support).
+# ----------------------------------------------------------------------------- MPI buffers
+
+def mpi_is_cuda_aware(device):
+    """True if `device` is a GPU and the MPI library can read its memory itself (Open MPI's
+    MPIX_Query_cuda_support).
 
     mpi4py does not wrap that Open MPI extension, so look it up in the loaded library;
     other MPIs lack the symbol, and then we stage through host memory to be safe.
     """
+    if device.type != "cuda":
+        return False
     import ctypes
     from mpi4py import MPI
     try:
@@ -186,21 +238,60 @@ def mpi_is_cuda_aware():
         return False
 
 
-def mpi_staging(flat, cuda_aware):
-    """The buffer MPI should read and write for the device tensor `flat`.
+_pinned = {}  # device tensor's (address, size, dtype) -> its pinned host copy, made once
 
-    On the CPU that is `flat` itself; on a GPU, a pinned host copy of it unless the MPI
-    is CUDA-aware. The caller copies into and out of it around each MPI call.
+
+@contextlib.contextmanager
+def staged(t, device_ok=False, read=True, write=True):
+    """The buffer an MPI call should use for tensor `t`, so that the call reads as one line:
+
+        with utils.staged(flat_grads) as buf:
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    On the CPU, `buf` is `t`'s own memory as a numpy array: no copy. On a GPU, it is a
+    pinned host copy of `t`, which is copied back into `t` after the call; `read=False` skips
+    the copy in (MPI only writes the buffer), `write=False` the copy back (MPI only reads it).
+    With `device_ok` (a CUDA-aware MPI, and no host arithmetic on `buf`), `buf` is `t` itself.
     """
-    if flat.device.type == "cpu" or cuda_aware:
-        return flat
-    return torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    if t.device.type == "cpu":
+        yield t.numpy()
+        return
+    torch.cuda.synchronize(t.device)  # MPI must see the results of queued kernels
+    if device_ok:
+        yield t
+        return
+    key = (t.data_ptr(), t.numel(), t.dtype)
+    if key not in _pinned:
+        _pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host = _pinned[key]
+    if read:
+        host.copy_(t)
+    yield host.numpy()
+    if write:
+        t.copy_(host)
 
 
-def as_mpi_buffer(t):
-    """A view of tensor `t` that mpi4py's uppercase calls accept, without copying:
-    a numpy array on the CPU, the tensor itself on a GPU (via __cuda_array_interface__)."""
-    return t.numpy() if t.device.type == "cpu" else t
+def mpi_empty(shape, device, device_ok=False):
+    """An uninitialized float32 tensor that only MPI calls and their arithmetic use: on the
+    device when MPI can use device memory there, else in (pinned) host memory, with no
+    device copy to stage through."""
+    if device.type == "cuda" and device_ok:
+        return torch.empty(shape, device=device)
+    return torch.empty(shape, pin_memory=device.type == "cuda" and torch.cuda.is_available())
+
+
+class Traffic:
+    """The bytes this rank put on and took off the wire, added up from what the
+    communication functions return ({"bytes_sent", "bytes_recv"}; None when unknown)."""
+
+    def __init__(self, sent=0, received=0):
+        self.sent, self.received = sent, received
+
+    def add(self, moved):
+        if moved["bytes_sent"] is not None:
+            self.sent += moved["bytes_sent"]
+            self.received += moved["bytes_recv"]
+        return moved
 
 
 # ----------------------------------------------------------------------------- data
@@ -209,7 +300,7 @@ def load_data(args, device, comm=None):
     """Return ((x_train, y_train), (x_test, y_test)): uint8 images N x 3 x 32 x 32 and int64
     labels, all on `device`. Uint8 keeps CIFAR-10 at 180 MB per rank instead of 740 MB of float32.
 
-    Under MPI pass `comm`: only rank 0 downloads, and the others learn from it whether it worked.
+    Under MPI pass `comm`, so that the ranks agree on whether loading worked (see load_cifar10).
     """
     if args.dataset == "synthetic":
         train, test = make_synthetic(seed=1234)
@@ -225,28 +316,59 @@ def load_cifar10(data_dir, comm=None):
 
     Direct reading also accepts copies that torchvision's md5 check would reject
     (such as one rebuilt from JPEGs), and skips torchvision's per-image PIL objects.
+
+    Each machine reads its own disk, so the ranks may find different things: one machine may
+    lack the data while another has it. Under MPI (`comm`) the first rank of each machine
+    downloads what its machine lacks, and then every rank tells every other whether it
+    could read the data, so that all stop together, with one line naming the rank that
+    failed, or all go on. A rank that stopped alone would leave the others in a collective.
     """
     folder = os.path.join(data_dir, "cifar-10-batches-py")
-    if not os.path.isdir(folder):
-        error = download_cifar10(data_dir) if RANK == 0 else None
-        if comm is not None:
-            error = comm.bcast(error, root=0)  # a small control message: pickling is fine
-        if error:
-            fail(f"CIFAR-10 is not in {folder} and downloading it failed ({error}). Put the "
-                 f"python-version batches there (see README), or run with --dataset synthetic")
+    reason = "another rank of this machine tried"
+    if not os.path.isdir(folder) and LOCAL_RANK == 0:
+        reason = download_cifar10(data_dir)
+    if comm is not None:
+        comm.Barrier()  # the other ranks of a machine wait for its download
+    error = None if os.path.isdir(folder) else (
+        f"CIFAR-10 is not in {folder} and downloading it failed ({reason}). Put the "
+        f"python-version batches there (see README), or run with --dataset synthetic")
+    agree(error, comm)
 
     def read(name):
         path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            x = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            return x, torch.tensor(batch["labels"], dtype=torch.int64)
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
-            fail(f"cannot read {path} ({type(e).__name__}: {e}); delete {folder} and fetch it again")
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        x = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        return x, torch.tensor(batch["labels"], dtype=torch.int64)
 
-    train = [read(f"data_batch_{i}") for i in range(1, 6)]
-    return (torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])), read("test_batch")
+    data, name = None, "data_batch_1"
+    try:
+        train = []
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            train.append(read(name))
+        test = train.pop()
+        data = (torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])), test
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+        error = (f"cannot read {os.path.join(folder, name)} ({type(e).__name__}: {e}); "
+                 f"delete {folder} and fetch it again")
+    agree(error, comm)
+    return data
+
+
+def agree(error, comm=None):
+    """Stop every rank, with one line, if any rank has an `error` (a message, or None).
+
+    For a decision that rests on one rank's local state (its disk, its memory): all ranks
+    learn every rank's verdict, so that they exit together rather than one exiting while the
+    others wait in a collective. Rank 0 prints the first error, naming the rank and machine.
+    """
+    if comm is not None and comm.Get_size() > 1:
+        errors = comm.allgather(error and (error, platform.node()))  # small: pickling is fine
+        rank, first = next(((r, e) for r, e in enumerate(errors) if e), (None, None))
+        if first:
+            fail(first[0] if rank == 0 else f"on rank {rank} ({first[1]}): {first[0]}")
+    elif error:
+        fail(error)
 
 
 def download_cifar10(data_dir):
@@ -295,8 +417,18 @@ def epoch_order(n, seed, epoch):
     order[k*B + r:(k+1)*B:N], so the N ranks together see exactly centralized batch k,
     with the same flips; that is what makes data-parallel SGD equal centralized SGD.
     """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = torch.Generator().manual_seed(stream_seed(seed, epoch))
     return torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5
+
+
+def stream_seed(*keys):
+    """The seed of one random stream, named by non-negative integer keys (seed, epoch, ...).
+
+    numpy's SeedSequence mixes the keys, so that distinct keys give unrelated streams: no
+    two of (0, 100003) and (1, 0), or (0, 1, 2) and (0, 2, 1), collide, as they could if
+    the keys were combined arithmetically.
+    """
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def batches(order, flips, global_batch, rank=0, world_size=1):
@@ -320,16 +452,26 @@ def count_steps(n_train, global_batch, args):
 
 
 def scaled_lr(global_batch):
-    """Default peak lr of the distributed scripts: cent_sgd.py's 0.05 at batch 64, scaled by the
-    square root of the batch growth. N times fewer steps can each take a larger lr, but the
-    linear rule (x N) diverges here without BatchNorm."""
-    return 0.05 * math.sqrt(global_batch / 64)
+    """Default peak lr of the distributed scripts: cent_sgd.py's BASE_LR at BASE_BATCH, scaled
+    by the square root of the batch growth. N times fewer steps can each take a larger lr,
+    but the linear rule (x N) diverges here without BatchNorm."""
+    return BASE_LR * math.sqrt(global_batch / BASE_BATCH)
 
 
 def lr_at(step, total_steps, peak_lr, warmup=0.2):
-    """One-cycle schedule: linear ramp from 0 to peak over `warmup` of the steps, then linear to 0."""
-    t = step / max(1, total_steps)
+    """The lr of step `step` (0-based) of `total_steps` under a one-cycle schedule: a linear
+    ramp from 0 up to `peak_lr` over the first `warmup` of the run, then linearly down to 0.
+
+    Step s is taken at t = (s + 1) / (total_steps + 1), strictly inside (0, 1), so that
+    neither the first nor the last step has lr 0 (a step that would change nothing).
+    """
+    t = (step + 1) / (total_steps + 1)
     return peak_lr * (t / warmup if t < warmup else (1 - t) / (1 - warmup))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------- model
@@ -398,6 +540,12 @@ def flatten_parameters(model):
 
 # ----------------------------------------------------------------------------- train / eval
 
+def make_optimizer(params, args):
+    """SGD with Nesterov momentum (plain SGD at --momentum 0) and weight decay, as every script uses."""
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
+                           weight_decay=args.weight_decay)
+
+
 def train_step(model, x, y, flip):
     """Forward and backward on one batch (or one rank's share of it); returns its mean loss."""
     loss = F.cross_entropy(model(normalize(x, flip)), y)
@@ -421,15 +569,18 @@ def evaluate(model, x, y, batch_size=1000):
 
 # ----------------------------------------------------------------------------- results
 
-def results_path(args, script):
-    return args.results or os.path.join("results", f"{os.path.splitext(os.path.basename(script))[0]}.json")
-
-
 def save_results(path, results):
-    """Write the run's record (config, metrics, timings, hardware) as JSON, atomically."""
+    """Write the run's record (config, metrics, timings, hardware) as JSON, atomically.
+    `max_rss_mb` is the peak resident memory of the process that writes it (rank 0)."""
     results = dict(results, hardware=hardware(), torch=torch.__version__,
+                   max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_atomically(path, lambda f: json.dump(results, f, indent=1))
+
+
+def save_model(path, model):
+    """--save-model: the final weights as one vector (parameters_vector), written atomically."""
+    write_atomically(path, lambda f: torch.save(parameters_vector(model), f), binary=True)
 
 
 def write_atomically(path, write, binary=False):
@@ -467,59 +618,63 @@ def hardware():
 
 # Flags that name files or pick hardware: a run may resume with other values of these, but
 # any other flag changes what is computed (even --epochs: it stretches the lr schedule).
-NOT_CONFIG = ("results", "save_model", "checkpoint", "resume", "data_dir", "device", "figures_dir")
-CHECKPOINT_FORMAT = "ee599-hw5-checkpoint-1"  # a tag, so that any other file is refused by name
+NOT_CONFIG = ("results", "save_model", "checkpoint", "resume", "data_dir", "device", "figures_dir", "script")
+CHECKPOINT_FORMAT = "ee599-hw5-checkpoint-2"  # a tag, so that any other file is refused by name
 
 
 def run_config(args):
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONFIG}
 
 
-def rng_state():
-    """Python's, numpy's and torch's global RNG states, as types torch.load(weights_only=True) accepts.
+def save_checkpoint(args, world_size, model, optimizer, progress):
+    """Save a run's full state to --checkpoint, atomically (a crash while saving keeps the
+    previous checkpoint): the model, the optimizer (momentum) and `progress`, the script's
+    own counters (epoch or round, step, history, wall time, traffic, ...).
 
-    The scripts draw their data order from seeded generators of their own (epoch_order,
-    client_seed), so these matter only to code that would use the global RNGs.
+    Every random choice is drawn from a generator seeded by (seed, epoch, ...) or saved in
+    `progress` (FedAvg's client sampler), so no global RNG state needs saving.
     """
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    progress = json_safe(progress)
+    state = dict(format=CHECKPOINT_FORMAT, script=args.script, world_size=world_size, config=run_config(args),
+                 model=model.state_dict(), optimizer=optimizer.state_dict() if optimizer else None,
+                 progress=progress)
+    write_atomically(args.checkpoint, lambda f: torch.save(state, f), binary=True)
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+def json_safe(value):
+    """numpy numbers -> Python numbers, in nested lists and dicts (tensors untouched), which
+    torch.load(weights_only=True) accepts."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
-def save_checkpoint(path, state):
-    """torch.save `state` to `path` atomically: a crash while saving keeps the previous checkpoint."""
-    write_atomically(path, lambda f: torch.save(state, f), binary=True)
-
-
-def load_checkpoint(args, script, world_size):
-    """The state that `script` saved in --checkpoint, or None when not resuming or when the
-    file does not exist yet (so one command both starts a run and resumes it).
+def load_checkpoint(args, world_size, model, optimizer, progress):
+    """With --resume and an existing --checkpoint, load its model and optimizer in place and
+    update `progress` from it; otherwise leave everything as it is (so that one command
+    both starts a run and resumes it). Returns `progress`.
 
     torch.load(weights_only=True) builds only tensors and plain containers: a checkpoint
     from elsewhere cannot run code. A file that is corrupt, or was written by another
-    script, process count or configuration, ends the run with one line.
+    script, process count or configuration, ends the run with one line. load_state_dict
+    copies into the existing parameters, so they stay views of the flat buffers.
     """
     path = args.checkpoint
     if not args.resume:
-        return None
+        return progress
     if not os.path.exists(path):
         print0(f"no checkpoint at {path} yet: starting from scratch")
-        return None
+        return progress
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle with code in it, ...
         fail(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to start from scratch")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a checkpoint of these scripts")
-    if state["script"] != script:
-        fail(f"{path} was written by {state['script']}.py, not {script}.py")
+        fail(f"{path} is not a checkpoint of these scripts (or of an older version of them)")
+    if state["script"] != args.script:
+        fail(f"{path} was written by {state['script']}.py, not {args.script}.py")
     if state["world_size"] != world_size:
         fail(f"{path} was written by a run of {state['world_size']} ranks; this one has {world_size}")
     config = run_config(args)
@@ -528,132 +683,10 @@ def load_checkpoint(args, script, world_size):
         k, more = changed[0], f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         fail(f"{path} was written with another configuration: --{k.replace('_', '-')} was "
              f"{state['config'].get(k)}, now {config.get(k)}{more}")
-    return state
-
-
-def checkpoint(script, args, world_size, model, optimizer, history, **progress):
-    """A run's full state: the model, the optimizer (momentum), the RNGs, the metrics so far
-    and the script's progress (epoch or round, step, ...). load_checkpoint checks the rest."""
-    history = json.loads(json.dumps(history))  # numpy floats -> floats, which weights_only=True accepts
-    return dict(format=CHECKPOINT_FORMAT, script=script, world_size=world_size, config=run_config(args),
-                model=model.state_dict(), optimizer=optimizer.state_dict() if optimizer else None,
-                rng=rng_state(), history=history, **progress)
-
-
-def restore(state, model, optimizer):
-    """Load a checkpoint's model, optimizer and RNG states in place. load_state_dict copies
-    into the existing parameters, so they stay views of the flat buffers."""
     model.load_state_dict(state["model"])
     if optimizer:
         optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-
-
-# ----------------------------------------------------------------------------- client splits (FedAvg)
-
-SPLIT_METHODS = ("iid", "non-iid")
-
-
-def split_indices(labels, num_clients, method, seed, alpha=None):
-    """Deal the training indices out to clients: a list of `num_clients` sorted int64 tensors.
-
-    Every index goes to exactly one client, every client gets at least one, and the same
-    (labels, num_clients, method, seed, alpha) always gives the same split.
-      iid                a seeded shuffle cut into near-equal parts (sizes differ by at most 1).
-      non-iid            label skew, the "pathological" split of McMahan et al. 2017: sort by
-                         label, cut into 2 x num_clients equal shards, deal each client 2 random
-                         shards. A client sees 2 classes when shards align with classes (10
-                         classes, 5 clients), up to 4 when a shard straddles two (4 clients).
-      non-iid, alpha=a   Dirichlet label skew (Hsu et al. 2019): each class is divided among the
-                         clients in proportions drawn from Dirichlet(a, ..., a). Small a (0.1):
-                         few classes per client and unequal sizes; large a (1000): nearly iid.
-    Raises ValueError, with a message for the user, when the request cannot be met.
-    """
-    if method not in SPLIT_METHODS:
-        raise ValueError(f"unknown split method {method!r}; choose from {', '.join(SPLIT_METHODS)}")
-    if alpha is not None and method != "non-iid":
-        raise ValueError(f"alpha (a Dirichlet split) applies only to the non-iid split, not {method}")
-    if alpha is not None and not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    y = torch.as_tensor(labels).cpu().numpy()
-    needed = 2 * num_clients if method == "non-iid" and alpha is None else num_clients
-    if not 1 <= needed <= len(y):
-        raise ValueError(f"cannot split {len(y)} samples into {needed} non-empty "
-                         f"{'shards' if needed > num_clients else 'parts'} for {num_clients} clients")
-    rng = np.random.default_rng(seed)
-
-    if method == "iid":
-        parts = np.array_split(rng.permutation(len(y)), num_clients)
-    elif alpha is None:
-        order = rng.permutation(len(y))
-        order = order[np.argsort(y[order], kind="stable")]  # sorted by label, random within a label
-        shards = np.array_split(order, 2 * num_clients)
-        deal = rng.permutation(2 * num_clients)
-        parts = [np.concatenate([shards[deal[2 * i]], shards[deal[2 * i + 1]]]) for i in range(num_clients)]
-    else:
-        pieces = [[] for _ in range(num_clients)]
-        for c in np.unique(y):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients))[:-1] * len(idx)).astype(int)
-            for client, piece in enumerate(np.split(idx, cuts)):
-                pieces[client].append(piece)
-        parts = [np.concatenate(p) for p in pieces]
-        # Small alpha can leave a client with nothing: it takes one sample from the largest.
-        for i in range(num_clients):
-            if len(parts[i]) == 0:
-                j = max(range(num_clients), key=lambda k: len(parts[k]))
-                parts[i], parts[j] = parts[j][-1:], parts[j][:-1]
-    return [torch.from_numpy(np.sort(p)) for p in parts]
-
-
-def plot_split(labels, parts, title, path):
-    """Save a stacked bar chart of each client's class counts to `path` (a PNG).
-
-    Uses matplotlib's Figure directly, which renders with Agg and never touches pyplot's
-    global backend, so it is safe in scripts, tests and notebooks alike; imported here so
-    that importing utils stays fast.
-    """
-    from matplotlib.figure import Figure
-
-    labels = torch.as_tensor(labels).cpu()
-    counts = torch.stack([torch.bincount(labels[p.cpu()], minlength=len(CLASSES)) for p in parts]).numpy()
-    clients = np.arange(len(parts))
-    fig = Figure(figsize=(min(16, 4 + 0.4 * len(parts)), 4.5))
-    ax = fig.subplots()
-    bottom = np.zeros(len(parts))
-    for c, name in enumerate(CLASSES):
-        bars = ax.bar(clients, counts[:, c], bottom=bottom, width=0.8, color=f"C{c}", label=name)
-        bottom += counts[:, c]
-    if len(parts) <= 20:  # total on top of each bar, while there is room for it
-        ax.bar_label(bars, labels=[f"{int(t)}" for t in bottom], fontsize=8)
-    ax.set_xticks(clients if len(parts) <= 20 else clients[::max(1, len(parts) // 20)])
-    ax.set_ylim(0, 1.1 * bottom.max())  # headroom for the totals
-    ax.set_xlabel("client")
-    ax.set_ylabel("training samples")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="class")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-
-
-def client_seed(seed, round_, client):
-    """The seed of one client's data order in one round, a stream of its own.
-
-    numpy's SeedSequence mixes the three numbers, so that nearby keys, such as
-    (0, 1, 2) and (0, 2, 1), give unrelated streams. All three must be >= 0.
-    """
-    return int(np.random.SeedSequence([seed, round_, client]).generate_state(1)[0])
-
-
-def client_batches(shard, batch_size, epochs, seed):
-    """Yield (indices, flip mask) for `epochs` passes over a client's `shard` of indices.
-
-    Each pass is a fresh seeded permutation of the shard, cut into full batches the way
-    `batches` cuts the global order (fed_avg.py refuses shards smaller than a batch).
-    """
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = shard[torch.randperm(len(shard), generator=g).to(shard.device)]
-        flips = (torch.rand(len(shard), generator=g) < 0.5).to(shard.device)
-        yield from batches(order, flips, batch_size)
+    progress.update(state["progress"])
+    done = ", ".join(f"{k} {progress[k]}" for k in ("epoch", "round", "step") if k in progress)
+    print0(f"resumed from {path}: {done}")
+    return progress

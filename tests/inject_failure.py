@@ -4,7 +4,9 @@
 
 makes utils.FUNCTION fail on its CALL-th call (1-based) on rank RANK, then runs SCRIPT as
 __main__ with ARGS. The product code is not changed. The fault is a RuntimeError, or with
-INJECT=kill in the environment a SIGKILL of the rank itself (an out-of-memory kill, a crash).
+INJECT=kill in the environment a SIGKILL of the rank itself (an out-of-memory kill, a crash),
+or with INJECT=perturb a silent one: the call's first argument, a model, has its weights
+nudged on that rank before the call goes on (a bit flip, a broken collective).
 Either way the wrapper first prints "injected fault ... at T" to stderr, T being time.time(),
 so that a test can measure how long the job took to end after it.
 """
@@ -13,6 +15,8 @@ import runpy
 import signal
 import sys
 import time
+
+import torch
 
 sys.path.insert(0, os.getcwd())
 import utils  # noqa: E402
@@ -28,6 +32,11 @@ def faulty(*args, **kwargs):
     calls += 1
     if utils.RANK == rank and calls == call:
         message = f"injected fault in utils.{name}, call {call}, rank {rank} at {time.time():.3f}"
+        if os.environ.get("INJECT") == "perturb":
+            print(message, file=sys.stderr, flush=True)
+            with torch.no_grad():
+                next(args[0].parameters()).add_(1e-3)
+            return original(*args, **kwargs)
         if os.environ.get("INJECT") == "kill":
             print(message, file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

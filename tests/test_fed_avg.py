@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+import fed_avg
 import utils
 from mpi import check, mpirun
 
@@ -34,21 +35,21 @@ SPLITS = [("iid", None), ("non-iid", None), ("non-iid", 0.5)]
 @pytest.mark.parametrize("n, num_clients", [(50_000, 4), (1003, 7)])
 def test_split_covers_every_index_exactly_once(method, alpha, n, num_clients):
     labels = CIFAR_LABELS[:n]
-    parts = utils.split_indices(labels, num_clients, method, seed=0, alpha=alpha)
+    parts = fed_avg.split_indices(labels, num_clients, method, seed=0, alpha=alpha)
     assert len(parts) == num_clients and all(p.dtype == torch.int64 for p in parts)
     assert torch.equal(torch.cat(parts).sort().values, torch.arange(n))  # no overlap, nothing left out
 
 
 @pytest.mark.parametrize("method, alpha", SPLITS)
 def test_split_is_seeded(method, alpha):
-    split = lambda seed: utils.split_indices(CIFAR_LABELS, 4, method, seed, alpha)
+    split = lambda seed: fed_avg.split_indices(CIFAR_LABELS, 4, method, seed, alpha)
     a, b, c = split(0), split(0), split(1)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     assert not all(len(p) == len(q) and torch.equal(p, q) for p, q in zip(a, c))
 
 
 def test_iid_clients_see_every_class_in_proportion():
-    parts = utils.split_indices(CIFAR_LABELS, 4, "iid", seed=0)
+    parts = fed_avg.split_indices(CIFAR_LABELS, 4, "iid", seed=0)
     assert [len(p) for p in parts] == [12_500] * 4
     fractions = class_counts(CIFAR_LABELS, parts) / 12_500
     assert (fractions - 0.1).abs().max() < 0.01  # each class 10% +- 1 point on every client
@@ -56,21 +57,21 @@ def test_iid_clients_see_every_class_in_proportion():
 
 def test_shards_give_each_client_about_two_classes():
     # 10 classes, 5 clients: 10 shards of exactly one class each, so at most 2 per client
-    parts = utils.split_indices(CIFAR_LABELS, 5, "non-iid", seed=0)
+    parts = fed_avg.split_indices(CIFAR_LABELS, 5, "non-iid", seed=0)
     assert [len(p) for p in parts] == [10_000] * 5
     assert ((class_counts(CIFAR_LABELS, parts) > 0).sum(1) <= 2).all()
     # 4 clients: 8 shards of 6,250 cannot align with classes of 5,000; each straddles at most
     # 2 classes, so a client sees at most 4 of 10, and 2 classes cannot cover 12,500 samples
-    parts = utils.split_indices(CIFAR_LABELS, 4, "non-iid", seed=0)
+    parts = fed_avg.split_indices(CIFAR_LABELS, 4, "non-iid", seed=0)
     classes = (class_counts(CIFAR_LABELS, parts) > 0).sum(1)
     assert [len(p) for p in parts] == [12_500] * 4 and (classes <= 4).all()
 
 
 def test_dirichlet_alpha_sets_the_skew():
-    near_iid = utils.split_indices(CIFAR_LABELS, 4, "non-iid", seed=0, alpha=1000)
+    near_iid = fed_avg.split_indices(CIFAR_LABELS, 4, "non-iid", seed=0, alpha=1000)
     fractions = class_counts(CIFAR_LABELS, near_iid) / torch.tensor([[len(p)] for p in near_iid])
     assert (fractions - 0.1).abs().max() < 0.02
-    skewed = utils.split_indices(CIFAR_LABELS, 4, "non-iid", seed=0, alpha=0.05)
+    skewed = fed_avg.split_indices(CIFAR_LABELS, 4, "non-iid", seed=0, alpha=0.05)
     counts = class_counts(CIFAR_LABELS, skewed)
     # classes that make up at least 5% of a client's samples: all 10 when iid, few here
     major = (counts >= 0.05 * counts.sum(1, keepdim=True)).sum(1)
@@ -79,7 +80,7 @@ def test_dirichlet_alpha_sets_the_skew():
 
 def test_every_client_gets_a_sample_even_when_alpha_is_tiny():
     labels = CIFAR_LABELS[:1000]
-    parts = utils.split_indices(labels, 100, "non-iid", seed=0, alpha=0.01)
+    parts = fed_avg.split_indices(labels, 100, "non-iid", seed=0, alpha=0.01)
     assert min(len(p) for p in parts) >= 1
     assert torch.equal(torch.cat(parts).sort().values, torch.arange(1000))
 
@@ -94,26 +95,25 @@ def test_every_client_gets_a_sample_even_when_alpha_is_tiny():
 def test_impossible_splits_raise_a_clear_error(kwargs, message):
     kwargs = dict(dict(labels=CIFAR_LABELS[:10], num_clients=4, seed=0), **kwargs)
     with pytest.raises(ValueError, match=message):
-        utils.split_indices(**kwargs)
+        fed_avg.split_indices(**kwargs)
 
 
 def test_client_batches_are_seeded_slices_of_the_shard():
     shard = torch.arange(100, 150)
-    batches = list(utils.client_batches(shard, 16, epochs=2, seed=3))
+    batches = list(fed_avg.client_batches(shard, 16, epochs=2, seed=3))
     assert [len(idx) for idx, _ in batches] == [16] * 6  # 3 full batches per pass, 2 passes
     one_pass = torch.cat([idx for idx, _ in batches[:3]]).tolist()
     assert len(set(one_pass)) == 48 and set(one_pass) <= set(shard.tolist())
     assert not torch.equal(batches[0][0], batches[3][0])  # a fresh order each pass
-    again = list(utils.client_batches(shard, 16, epochs=2, seed=3))
+    again = list(fed_avg.client_batches(shard, 16, epochs=2, seed=3))
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(batches, again))
-    assert utils.client_seed(0, 1, 2) != utils.client_seed(0, 2, 1)
 
 
 @pytest.mark.parametrize("alpha", [None, 0.1])
 def test_plot_split_writes_a_png(tmp_path, alpha):
-    parts = utils.split_indices(CIFAR_LABELS, 4, "non-iid", seed=0, alpha=alpha)
+    parts = fed_avg.split_indices(CIFAR_LABELS, 4, "non-iid", seed=0, alpha=alpha)
     path = tmp_path / "sub" / "split.png"
-    utils.plot_split(CIFAR_LABELS, parts, "non-iid", str(path))
+    fed_avg.plot_split(CIFAR_LABELS, parts, "non-iid", str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -139,7 +139,7 @@ def model_with(weights):
 
 def round_batches(shards, k, r, steps, batch_size, seed):
     """Client k's first `steps` (indices, flips) batches in round r, drawn as fed_avg.py draws them."""
-    batches = utils.client_batches(shards[k], batch_size, 1, utils.client_seed(seed, r, k))
+    batches = fed_avg.client_batches(shards[k], batch_size, 1, utils.stream_seed(seed, r, k))
     return list(itertools.islice(batches, steps))
 
 
@@ -208,7 +208,7 @@ def test_server_weights_clients_by_sample_count(tmp_path):
                                    "--num-clients", 5, "--client-fraction", 0.6,
                                    "--rounds", 2, "--max-steps", 2, "--momentum", 0.9)
     _, y = synthetic_train()
-    shards = utils.split_indices(y, 5, "non-iid", seed=0, alpha=0.5)
+    shards = fed_avg.split_indices(y, 5, "non-iid", seed=0, alpha=0.5)
     sizes = [len(s) for s in shards]
     assert result["client_sizes"] == sizes and len(set(sizes)) == 5, sizes  # all different
     clients = [h["clients"] for h in result["history"]]
@@ -226,7 +226,7 @@ def test_fedsgd_equals_data_parallel_sgd(tmp_path):
     # the one-step weights w - lr g_k averages the gradients, so k rounds are k SGD steps.
     out, result, got = run_fed_avg(5, tmp_path, "--rounds", 3, "--max-steps", 1, "--momentum", 0)
     _, y = synthetic_train()
-    shards = utils.split_indices(y, 4, "iid", seed=0)
+    shards = fed_avg.split_indices(y, 4, "iid", seed=0)
     assert result["client_sizes"] == [1250] * 4 and "Final test accuracy" in out
     expected = data_parallel_reference(shards, 3, steps_per_round=1)
     assert (got - expected).abs().max() < TOL
@@ -241,3 +241,11 @@ def test_fedsgd_equals_data_parallel_sgd(tmp_path):
     assert server == {"bytes_sent": 3 * 4 * P * 4, "bytes_recv": 3 * 4 * (P + 1) * 4}
     assert client_ranks == [{"bytes_sent": 3 * (P + 1) * 4, "bytes_recv": 3 * P * 4}] * 4
     assert (tmp_path / "data_distribution_iid.png").stat().st_size > 0
+
+
+def test_one_round_of_one_step_changes_the_model(tmp_path):
+    """The schedule used to give the first step lr 0: one FedSGD round then left the global
+    model exactly as it started."""
+    _, _, got = run_fed_avg(2, tmp_path, "--rounds", 1, "--max-steps", 1, "--momentum", 0, "--warmup", 0.2)
+    start = utils.parameters_vector(utils.make_model(torch.device("cpu"), seed=0))
+    assert (got - start).abs().max() > 1e-4

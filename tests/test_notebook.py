@@ -1,11 +1,12 @@
 """HW5.ipynb runs top to bottom, its Q6 formulas match measured bytes, its answers match its outputs.
 
-    pytest -q tests/test_notebook.py
+    pytest -q -m slow tests/test_notebook.py   # executes the notebook: slow tier
+    pytest -q tests/test_notebook.py           # the committed answers against the committed outputs
 
 The notebook runs in quick mode (HW5_QUICK=1): every script trains one epoch (or round) on
-synthetic data and writes to a scratch folder, so results/ and figures/ are left alone and
-the whole notebook takes about a minute. The kernel is `python3`, which jupyter_client
-starts with this interpreter (sys.executable), so the notebook sees this environment.
+synthetic data and writes to a scratch folder, so results/ and figures/ are left alone. The
+kernel is `python3`, which jupyter_client starts with this interpreter (sys.executable), so the
+notebook sees this environment.
 """
 import os
 import re
@@ -42,6 +43,7 @@ def quick_run(tmp_path_factory):
     return nb
 
 
+@pytest.mark.slow
 def test_notebook_runs_in_quick_mode(quick_run):
     code_cells = [cell for cell in quick_run.cells if cell.cell_type == "code"]
     assert all(cell.execution_count for cell in code_cells)
@@ -50,6 +52,7 @@ def test_notebook_runs_in_quick_mode(quick_run):
                          stdout(tagged(quick_run, f"result-q{q}"))), f"Q{q}"
 
 
+@pytest.mark.slow
 def test_q6_formulas_match_measured_bytes(quick_run):
     # The cell asserts this itself; here the table it printed is checked row by row too.
     rows = [line for line in stdout(tagged(quick_run, "q6-check")).splitlines()[1:] if line.strip()]

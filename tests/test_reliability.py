@@ -8,14 +8,17 @@ Faults are injected by tests/inject_failure.py, which patches one utils function
 rank and then runs the unchanged script.
 """
 import functools
+import json
 import pickle
 import re
+import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from mpi import check, mpirun, python
+from mpi import check, mpirun, python, run as run_command
 
 QUICK = ["--dataset", "synthetic", "--lr", 0.05]
 # Each script for 2 epochs (rounds) of 10 steps on 1000 synthetic samples, at the smallest
@@ -87,7 +90,7 @@ def test_resume_after_a_crash_is_exact(script, run, tmp_path):
     crashed = launch(ranks, "tests/inject_failure.py", 0, 2, "evaluate", *args, timeout=90)
     assert crashed.returncode != 0 and "injected fault" in crashed.stderr
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert saved[unit] == 1 and len(saved["history"]) == 1
+    assert saved["progress"][unit] == 1 and len(saved["progress"]["history"]) == 1
 
     resumed = check(launch(ranks, *args, "--resume", "--save-model", tmp_path / "model.pt", timeout=90))
     assert re.search(rf"^resumed from .*: {unit} 1\b", resumed.stdout, re.M), resumed.stdout
@@ -95,6 +98,10 @@ def test_resume_after_a_crash_is_exact(script, run, tmp_path):
             if line.startswith(unit)] == [f"{unit}   2/2"]  # only what was left
     assert torch.equal(torch.load(tmp_path / "model.pt"), reference)
     assert final_accuracy(resumed.stdout) == final_accuracy(reference_out)
+    # the wall time counts the part before the crash too, not only the resumed part
+    record = json.loads((tmp_path / "r.json").read_text())
+    timed = sum(h.get("epoch_time", h.get("round_time", 0) + h.get("eval_time", 0)) for h in record["history"])
+    assert len(record["history"]) == 2 and record["wall_time"] >= timed, (record["wall_time"], timed)
 
 
 # ----------------------------------------------------------------------------- faults
@@ -106,8 +113,8 @@ FAULTS = [
     ("cent_sgd.py", None, 0, 3, "train_step", "raise"),
     ("dist_sgd_serverless.py", 2, 0, 3, "train_step", "raise"),
     ("dist_sgd_serverless.py", 2, 1, 1, "load_data", "raise"),
-    ("dist_sgd_serverless.py", 3, 2, 5, "as_mpi_buffer", "kill"),
-    ("dist_sgd_param_server.py", 2, 0, 4, "as_mpi_buffer", "raise"),
+    ("dist_sgd_serverless.py", 3, 2, 5, "staged", "kill"),
+    ("dist_sgd_param_server.py", 2, 0, 4, "staged", "raise"),
     ("dist_sgd_param_server.py", 2, 1, 3, "train_step", "kill"),
     ("fed_avg.py", 2, 0, 1, "evaluate", "raise"),
     ("fed_avg.py", 2, 1, 2, "train_step", "raise"),
@@ -174,6 +181,11 @@ BAD_INPUT = [
     ("dist_sgd_serverless.py", 2, ["--data-dir", "{truncated}"], "cannot read"),
     ("fed_avg.py", 2, ["--data-dir", "{incomplete}"], "cannot read"),
     ("cent_sgd.py", None, ["--resume"], "--resume needs --checkpoint"),
+    ("cent_sgd.py", None, ["--seed", -1], "--seed must be >= 0"),
+    # outputs that cannot be written are refused before any training, not after the first epoch
+    ("cent_sgd.py", None, ["--checkpoint", "/proc/x/ck.pt"], "cannot write /proc/x/ck.pt"),
+    ("dist_sgd_serverless.py", 2, ["--save-model", "/proc/x/m.pt"], "cannot write /proc/x/m.pt"),
+    ("fed_avg.py", 2, ["--figures-dir", "/proc/x"], "cannot write /proc/x"),
     ("cent_sgd.py", None, [*CENT, "--checkpoint", "{corrupt}", "--resume"], "cannot read checkpoint"),
     ("dist_sgd_serverless.py", 2, ["--dataset", "synthetic", "--checkpoint", "{corrupt}", "--resume"],
      "cannot read checkpoint"),
@@ -188,7 +200,7 @@ BAD_INPUT = [
 def test_bad_input_gets_one_line_and_a_nonzero_exit(script, ranks, args, message, bad_data, checkpoints, tmp_path):
     paths = {"truncated": bad_data / "truncated", "incomplete": bad_data / "incomplete", **checkpoints}
     args = [str(a).format(**paths) for a in args]
-    proc = launch(ranks, script, *args, *outputs(script, tmp_path), timeout=60)
+    proc = launch(ranks, script, *outputs(script, tmp_path), *args, timeout=60)  # args may override outputs
     assert proc.returncode != 0
     assert "Traceback" not in proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
@@ -201,3 +213,44 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):
     proc = check(python("cent_sgd.py", *QUICK, "--max-steps", 2, "--checkpoint", path, "--resume",
                         "--results", tmp_path / "r.json"))
     assert f"no checkpoint at {path} yet" in proc.stdout and path.exists()
+
+
+# (script, ranks, the rank that evaluates and is perturbed): the parameter server evaluates on rank 0 only
+@pytest.mark.parametrize("script, ranks, rank", [("dist_sgd_serverless.py", 2, 1), ("dist_sgd_param_server.py", 3, 0)])
+def test_diverged_replicas_are_caught_even_under_python_O(script, ranks, rank, tmp_path):
+    """The end-of-run check that every rank holds the same weights is an explicit check, not an
+    assert, which `python -O` strips. Here one rank changes its weights on its way into the
+    last evaluation; the check must notice."""
+    flags = RUNS[script][1]
+    proc = mpirun(ranks, "-O", "tests/inject_failure.py", rank, 2, "evaluate", script, *QUICK, *flags,
+                  *outputs(script, tmp_path), timeout=90, env={"INJECT": "perturb"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and ("diverged" in errors[0] or "differ" in errors[0]), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("missing_on", [0, 1])
+def test_a_rank_whose_machine_lacks_the_data_ends_the_job_with_one_line(missing_on, tmp_path):
+    """As when one node of a cluster has no copy of the dataset: here the two ranks get
+    different --data-dir (two mpirun app contexts), one of which holds no data and cannot
+    receive a download. Before the ranks agreed on it, rank 1 missing the data segfaulted
+    and rank 0 missing it hung."""
+    good = tmp_path / "good" / "cifar-10-batches-py"
+    good.mkdir(parents=True)
+    batch = pickle.dumps({"data": np.zeros((8, 3072), np.uint8), "labels": list(range(8))})
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (good / name).write_bytes(batch)
+    dirs = [str(tmp_path / "good"), "/proc/no-data-here"]
+    if missing_on == 0:
+        dirs.reverse()
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+    for rank, data_dir in enumerate(dirs):
+        cmd += [":"] * (rank > 0) + ["-n", "1", sys.executable, "dist_sgd_serverless.py", "--data-dir", data_dir,
+                                    "--batch-size", 4, "--max-steps", 1, "--results", tmp_path / "r.json"]
+    proc = run_command([str(c) for c in cmd], 60, None)  # a hang fails here
+    assert proc.returncode != 0
+    assert "Segmentation" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "CIFAR-10 is not in /proc/no-data-here" in errors[0], proc.stderr
+    assert (f"on rank {missing_on} (" in errors[0]) == (missing_on != 0), errors[0]

@@ -1,4 +1,6 @@
-"""Unit tests of utils.py: data, batching, schedule, model, flat buffers, evaluation."""
+"""Unit tests of utils.py: data, batching, schedule, model, flat buffers, MPI buffers,
+evaluation, output paths, checkpoints."""
+import argparse
 import pickle
 import random
 
@@ -92,6 +94,13 @@ def test_epoch_order_is_a_seeded_permutation_that_changes_each_epoch():
     assert not torch.equal(order, utils.epoch_order(1000, seed=4, epoch=0)[0])
 
 
+def test_epoch_orders_of_different_seeds_never_coincide():
+    """Seeding with seed * 100003 + epoch made (seed 0, epoch 100003) replay (seed 1, epoch 0)."""
+    assert not torch.equal(utils.epoch_order(1000, seed=0, epoch=100_003)[0], utils.epoch_order(1000, seed=1, epoch=0)[0])
+    keys = {(s, e) for s in range(20) for e in range(50)} | {(0, 100_003), (0, 1, 2), (0, 2, 1)}
+    assert len({utils.stream_seed(*k) for k in keys}) == len(keys)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
 def test_rank_shares_make_up_exactly_the_centralized_batch(world_size):
     n, b = 1003, 8
@@ -110,10 +119,19 @@ def test_rank_shares_make_up_exactly_the_centralized_batch(world_size):
 
 
 def test_one_cycle_schedule():
-    lrs = [utils.lr_at(s, 100, 0.1, warmup=0.2) for s in range(101)]
-    assert lrs[0] == 0 and lrs[20] == pytest.approx(0.1) and lrs[100] == pytest.approx(0)
-    assert max(lrs) == pytest.approx(0.1)
-    assert all(a <= b for a, b in zip(lrs[:20], lrs[1:21])) and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
+    lrs = [utils.lr_at(s, 100, 0.1, warmup=0.2) for s in range(100)]
+    top = lrs.index(max(lrs))
+    assert 18 <= top <= 21 and max(lrs) == pytest.approx(0.1, rel=0.02)
+    assert all(a <= b for a, b in zip(lrs[:top], lrs[1:top + 1])) and all(a >= b for a, b in zip(lrs[top:], lrs[top + 1:]))
+    assert lrs[0] < 0.01 and lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 5, 10, 100, 6248])
+def test_no_step_of_the_schedule_has_lr_zero(total):
+    """lr_at(0, ...) was 0, so the first step of every run changed nothing (and FedSGD with one
+    round of one step left the model as it was)."""
+    lrs = [utils.lr_at(s, total, 0.1, warmup=0.2) for s in range(total)]
+    assert all(0 < lr <= 0.1 for lr in lrs), lrs[:3] + lrs[-3:]
 
 
 # ----------------------------------------------------------------------------- model
@@ -166,26 +184,101 @@ def test_evaluate_sums_loss_and_counts_correct_over_all_batches():
     assert loss_sum == pytest.approx(float(expected), rel=1e-5)
 
 
+# ----------------------------------------------------------------------------- MPI buffers
+
+def test_staged_is_the_tensor_itself_on_the_cpu():
+    t = torch.arange(5, dtype=torch.float32)
+    with utils.staged(t) as buf:
+        assert isinstance(buf, np.ndarray) and buf.ctypes.data == t.data_ptr()
+        buf[:] = 7  # what MPI writes lands in the tensor, with no copy
+    assert torch.equal(t, torch.full((5,), 7.0))
+
+
+def test_an_mpi_only_buffer_for_a_gpu_without_cuda_aware_mpi_lives_on_the_host():
+    """The parameter server's (W, P) inbox used to be allocated on the GPU, then staged
+    through a host copy: the GPU tensor was never used."""
+    inbox = utils.mpi_empty((3, 5), torch.device("cuda"), device_ok=False)
+    assert inbox.device.type == "cpu" and inbox.shape == (3, 5) and inbox.dtype == torch.float32
+
+
+def test_traffic_adds_up_what_the_calls_moved_and_skips_unknowns():
+    traffic = utils.Traffic()
+    traffic.add({"bytes_sent": 8, "bytes_recv": 4})
+    traffic.add({"bytes_sent": None, "bytes_recv": None})  # MPI_Allreduce: the library's choice
+    traffic.add({"bytes_sent": 1, "bytes_recv": 2})
+    assert (traffic.sent, traffic.received) == (9, 6)
+
+
+# ----------------------------------------------------------------------------- outputs and checkpoints
+
+def test_an_unwritable_output_is_refused_before_anything_runs(tmp_path, capsys):
+    utils.check_writable([str(tmp_path / "new" / "folder" / "r.json"), None])  # made as needed
+    assert (tmp_path / "new" / "folder").is_dir() and not list((tmp_path / "new" / "folder").iterdir())
+    with pytest.raises(SystemExit) as e:
+        utils.check_writable([str(tmp_path / "ok.json"), "/proc/x/ck.pt"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write /proc/x/ck.pt") and "\n" not in err
+
+
+def fake_args(tmp_path, **kwargs):
+    return argparse.Namespace(script="cent_sgd", checkpoint=str(tmp_path / "ckpt.pt"), resume=True, seed=0,
+                              lr=0.05, **kwargs)
+
+
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    utils.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+    args = fake_args(tmp_path)
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1)
+    utils.save_checkpoint(args, 1, model, None, {"epoch": 1})
 
     def dies_halfway(obj, f):
         f.write(b"PK\x03\x04 half a zip file")
         raise KeyboardInterrupt  # a disconnect, a Ctrl-C, a full disk
     monkeypatch.setattr(torch, "save", dies_halfway)
+    with torch.no_grad():
+        model.weight.fill_(2)
     with pytest.raises(KeyboardInterrupt):
-        utils.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
-    state = torch.load(path, weights_only=True)
-    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+        utils.save_checkpoint(args, 1, model, None, {"epoch": 2})
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.weight.fill_(3)
+    progress = utils.load_checkpoint(args, 1, model, None, {"epoch": 0})
+    assert progress == {"epoch": 1} and torch.equal(model.weight, torch.ones(1, 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
 
 
-def test_rng_state_round_trips_through_a_safe_load(tmp_path):
-    utils.seed_everything(5)
-    state = utils.rng_state()
-    expected = (random.random(), np.random.rand(), torch.rand(1))
-    torch.save(state, tmp_path / "rng.pt")
-    utils.seed_everything(6)
-    utils.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+def test_save_model_is_atomic_too(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    model = utils.make_model(torch.device("cpu"), seed=0)
+    utils.save_model(str(path), model)
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_model(str(path), utils.make_model(torch.device("cpu"), seed=1))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path), utils.parameters_vector(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_training_draws_nothing_from_the_global_rngs_so_checkpoints_need_not_save_them(tmp_path):
+    """Every random choice comes from a generator seeded by (seed, epoch, ...): with the global
+    RNGs in any state, an epoch computes the same bits. So no RNG state is checkpointed."""
+    import cent_sgd
+    (x, y), _ = utils.make_synthetic(seed=0, n_train=256, n_test=10)
+    args = argparse.Namespace(seed=0, batch_size=32, lr=0.05, warmup=0.2, momentum=0.9, weight_decay=5e-4)
+    finals = []
+    for global_seed in (1, 2):
+        utils.seed_everything(global_seed)
+        model = utils.make_model(torch.device("cpu"), seed=0)
+        utils.seed_everything(global_seed)
+        cent_sgd.train_epoch(model, utils.make_optimizer(model.parameters(), args), (x, y), 1, 0, 8, args)
+        finals.append(utils.parameters_vector(model))
+    assert torch.equal(*finals)
+    utils.save_checkpoint(fake_args(tmp_path), 1, model, None, {"epoch": 1})
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert set(state) == {"format", "script", "world_size", "config", "model", "optimizer", "progress"}

@@ -1,0 +1,703 @@
+"""Every measured number in README.md, HW5.ipynb and bench/RESULTS.md, from the committed records.
+
+    python bench/report.py           # rewrite them from results/reference/
+    python bench/report.py --check   # exit 1 with a diff when any of them differs from the records
+
+The records are the JSON of one reference run, committed in results/reference/: a full run of
+HW5.ipynb writes the scripts' records there (cent_sgd.json, ..., allreduce_n4.json, notebook.json),
+and `python bench/run.py` writes the benchmark's to results/reference/bench/ (run.json holds what
+its parts' JSON does not: date, machine, versions, commands). bench/RESULTS.md is generated whole,
+by render_results, which bench/run.py also calls. In README.md and in the notebook's markdown cells
+each generated fragment sits between two invisible markers,
+
+    <!-- begin: NAME --> ... <!-- end: NAME -->
+
+and only the text between them is rewritten. This module needs neither torch nor MPI.
+"""
+import argparse
+import difflib
+import json
+import os
+import re
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORDS = os.path.join(ROOT, "results", "reference")
+README = os.path.join(ROOT, "README.md")
+NOTEBOOK = os.path.join(ROOT, "HW5.ipynb")
+RESULTS_MD = os.path.join(ROOT, "bench", "RESULTS.md")
+OVERLAP_WINS = 1.03  # a gain below this is within the run-to-run noise of the bench machine
+FRAGMENT = re.compile(r"<!-- begin: (?P<name>[\w-]+) -->(?P<body>.*?)<!-- end: (?P=name) -->", re.S)
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- bench/RESULTS.md
+
+def epoch_row(r):
+    """One script's first epoch (FedAvg: round) from its results JSON, in the same terms for all."""
+    h = r["history"][0]
+    if r["script"] == "fed_avg":  # clients train, then send: the round's times do not overlap
+        steps, compute, comm, wait = max(r["local_steps"]), h["train_time"], h["comm_time"], 0.0
+        epoch = h["round_time"] + h["eval_time"]
+    else:  # comm_time (and serverless' wait_time for the last rank) lie inside train_time
+        steps, comm, wait, epoch = h["steps"], h.get("comm_time", 0.0), h.get("wait_time", 0.0), h["epoch_time"]
+        compute = h["train_time"] - comm - wait
+    return {"ranks": r["world_size"], "threads": r["threads"], "steps": steps, "epoch_s": epoch,
+            "compute_s": compute, "comm_s": comm, "wait_s": wait, "step_ms": 1e3 * (compute + comm + wait) / steps}
+
+
+def bench_records(raw, run=None):
+    """The bench's records in raw (a folder that `bench/run.py` filled), keyed as its parts name them.
+
+    run: the run's own record, when run.json is not written yet."""
+    run = run or load(os.path.join(raw, "run.json"))
+    ns = run["ns"]
+    return {"run": run,
+            "ddp": {n: load(os.path.join(raw, f"ddp_n{n}.json")) for n in ns},
+            "ar": {n: load(os.path.join(raw, f"allreduce_n{n}.json")) for n in ns},
+            "epochs": {label: epoch_row(load(os.path.join(raw, name))) for label, name in run["epochs"].items()},
+            "threads": {label: load(os.path.join(raw, name)) for label, name in run["threads"].items()},
+            "pickled": {n: load(os.path.join(raw, f"pickle_n{n}.json")) for n in ns}}
+
+
+def at_size(ar, nbytes):
+    """The row of an all-reduce record for one buffer size, or None."""
+    return next((row for row in ar["rows"] if row["bytes"] == nbytes), None)
+
+
+def bench_targets(b):
+    """(target, measured, limit, rule) for each target of the bench."""
+    sv = {n: d["variants"] for n, d in b["ddp"].items()}
+    at_4mb = {n: at_size(b["ar"][n], 4 << 20) if n in b["ar"] else None for n in (2, 4)}
+    targets = [(f"serverless steps/s / DDP-gloo steps/s, N={n}",
+                sv[n]["serverless"]["steps_per_s"] / sv[n]["ddp"]["steps_per_s"] if n in sv else None, 1.0, ">= 1.0x")
+               for n in (2, 4)]
+    targets += [(f"ring / MPI_Allreduce time at 4 MB, N={n}", row and row["ring_ms"] / row["mpi_ms"], 2.0, "<= 2x")
+                for n, row in at_4mb.items()]
+    e = b["epochs"]
+    targets += [("serverless N=2 epoch / centralized batch 128 epoch",
+                 e["serverless N=2"]["epoch_s"] / e["centralized, batch 128"]["epoch_s"], 1.15, "<= 1.15x"),
+                ("bench wall time, minutes (up to this table)", b["run"]["wall_s"] / 60, 15.0, "<= 15")]
+    return targets
+
+
+def verdict(value, limit, rule):
+    if value is None:
+        return "not measured"
+    return "**met**" if (value >= limit if rule.startswith(">=") else value <= limit) else "**missed**"
+
+
+def fmt(x, spec=".2f"):
+    return "–" if x is None else format(x, spec)
+
+
+def shown_path(path):
+    """path relative to the repo root when it lies inside it."""
+    return os.path.relpath(path, ROOT) if os.path.abspath(path).startswith(ROOT + os.sep) else path
+
+
+def size_name(nbytes):
+    return f"{nbytes >> 20} MB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KB"
+
+
+def render_results(raw, md_dir):
+    """The text of RESULTS.md, from the bench's records in raw, for a file in md_dir (for the plots' links)."""
+    b = bench_records(raw)
+    run, ddp, ar, epochs, threads, pickled = (b[k] for k in ("run", "ddp", "ar", "epochs", "threads", "pickled"))
+    plots = {name: os.path.relpath(os.path.normpath(os.path.join(raw, p)), md_dir) for name, p in run["plots"].items()}
+    first = min(ar)
+    L = ["# Benchmark: the scripts against PyTorch DDP and MPI itself", ""]
+    if run["tiny"]:
+        L += ["**Tiny mode** (`--tiny`): a smoke test on synthetic data with a few steps, with 2 ranks. "
+              "Its numbers show that the bench runs, not how fast anything is.", ""]
+    hw = run["machine"]
+    L += [f"- Date: {run['date']}; the whole run took {run['wall_s'] / 60:.1f} min.",
+          f"- Machine: {hw['cpu']}, {hw['cores']} CPU cores, GPU: {hw['gpu'] or 'none'}.",
+          f"- Software: Python {run['python']}, torch {run['torch']}, mpi4py {run['mpi4py']}, "
+          f"{ar[first]['mpi'].split(',')[0]}, mpirun `{run['mpirun']}`.",
+          f"- Data: {run['dataset']}.",
+          "- Every part ran alone, one after another, in this one run; times are wall clock, "
+          "and a step or call counts at the pace of the slowest rank.",
+          f"- Records: the JSON of every part and `run.json`, in `{shown_path(raw)}/`; "
+          "`python bench/run.py --render-only` rebuilds this file from them.", "",
+          "## Targets", "",
+          "| target | measured | limit | result |", "|---|---|---|---|"]
+    L += [f"| {what} | {fmt(v)} | {rule} | {verdict(v, limit, rule)} |" for what, v, limit, rule in bench_targets(b)]
+
+    d0 = ddp[first]
+    L += ["", "## 1. Serverless step against PyTorch DDP (gloo)", "",
+          f"`bench/ddp.py`: the same model, per-rank batch {d0['batch_size']}, same data shares, "
+          f"{d0['steps']} timed steps per variant in {d0['blocks']} interleaved blocks after warmup. "
+          f"Equality: max |parameter difference| from the serverless step after {d0['check_steps']} "
+          "steps of plain SGD from the same weights (limit 1e-5).", "",
+          "| N | threads/rank | serverless steps/s | DDP steps/s | serverless / DDP | max abs diff: DDP | copy "
+          "| overlap |", "|---|---|---|---|---|---|---|---|"]
+    for n, d in ddp.items():
+        v, diff = d["variants"], d["max_abs_diff"]
+        L.append(f"| {n} | {d['threads']} | {v['serverless']['steps_per_s']:.2f} | {v['ddp']['steps_per_s']:.2f} | "
+                 f"**{v['serverless']['steps_per_s'] / v['ddp']['steps_per_s']:.2f}x** | "
+                 f"{diff['ddp']:.1e} | {diff['copy']:.1e} | {diff['overlap']:.1e} |")
+
+    L += ["", "## 2. Hand-written collectives against MPI_Allreduce", "",
+          "`bench/allreduce.py`: median of the slowest rank's time per call, in ms. `copy` is the "
+          "physical reference: np.copyto of the buffer, timed on every rank in the same run, "
+          "x 2(N-1)/N (a ring's traffic per rank at memcpy speed).", ""]
+    for n, r in ar.items():
+        L += [f"N = {n}:", "", "| size | mpi | ring | tree | copy | ring / mpi | mpi / copy |",
+              "|---|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            L.append(f"| {size_name(row['bytes'])} | {row['mpi_ms']:.3f} | {row['ring_ms']:.3f} | "
+                     f"{row['tree_ms']:.3f} | {row['copy_ms']:.3f} | {row['ring_ms'] / row['mpi_ms']:.2f} | "
+                     f"{row['mpi_ms'] / row['copy_ms']:.1f} |")
+        L.append("")
+    L.append(f"![all-reduce time against size]({plots['allreduce']})")
+
+    L += ["", "## 3. Paradigm cost", "",
+          f"One epoch of each script (FedAvg: one round, in which each of its {run['fed_n'] - 1} client(s) makes "
+          "one pass over its share), from the `history` of its results JSON. Epoch time includes evaluation. "
+          "Compute is training time less communication and waiting. Serverless splits its time in the "
+          "all-reduce into the call itself (the shortest time in it over ranks: the last rank to arrive "
+          "waits for no one) and waiting for the last rank; for the parameter server and FedAvg, "
+          "communication includes waiting for the server.", "",
+          "| run | ranks | threads/rank | steps | epoch s | compute s | communication s | waiting s | ms per step |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for label, e in epochs.items():
+        L.append(f"| {label} | {e['ranks']} | {e['threads']} | {e['steps']} | {e['epoch_s']:.2f} | "
+                 f"{e['compute_s']:.2f} | {e['comm_s']:.2f} | {e['wait_s']:.2f} | {e['step_ms']:.1f} |")
+    sv = {n: d["variants"] for n, d in ddp.items()}
+    L += ["", f"![epoch time per paradigm]({plots['paradigms']})", "",
+          "The serverless step, split (`bench/ddp.py`, same run as part 1). The time inside the all-reduce "
+          "call (mean over ranks) includes waiting for the rank that finishes its backward last, which "
+          "the time of the call alone (part 2) does not. What the all-reduce adds to the step is the "
+          "exposed overhead: the step with it, less the step with it skipped (ranks uncoupled), interleaved.", "",
+          "| N | step ms | in all-reduce ms | step without all-reduce ms | exposed overhead ms | of the step |",
+          "|---|---|---|---|---|---|"]
+    for n, v in sv.items():
+        exposed = v["serverless"]["step_ms"] - v["skip"]["step_ms"]
+        L.append(f"| {n} | {v['serverless']['step_ms']:.1f} | {v['serverless']['comm_ms']:.2f} | "
+                 f"{v['skip']['step_ms']:.1f} | {exposed:.2f} | {100 * exposed / v['serverless']['step_ms']:.1f}% |")
+
+    p0 = pickled[first]
+    L += ["", "## 4. Pickle against buffer", "",
+          "`bench/pickle_vs_buffer.py`: summing a gradient of the model's size "
+          f"({p0['floats']:,} float32 in {p0['tensors']} tensors); median ms of the slowest rank.", "",
+          "| N | " + " | ".join(f"`{w}`" for w in p0["median_ms"]) + " | slowdown of the pickled ways |",
+          "|---|---|---|---|---|"]
+    for n, p in pickled.items():
+        ms = p["median_ms"]
+        slow = ", ".join(f"{ms[w] / ms['Allreduce(buffer)']:.1f}x" for w in ms if w != "Allreduce(buffer)")
+        L.append(f"| {n} | " + " | ".join(f"{t:.3f}" for t in ms.values()) + f" | {slow} |")
+
+    L += ["", "## Optimizations and their measured gains", "",
+          "Gain = time before / time after, both measured in this run (> 1: the optimization helps).", "",
+          "| optimization | N | before | after | gain | in the scripts |", "|---|---|---|---|---|---|"]
+    for n, v in sv.items():
+        L.append(f"| grads as views of the flat buffer (before: torch.cat + copy back), ms/step | {n} | "
+                 f"{v['copy']['step_ms']:.1f} | {v['serverless']['step_ms']:.1f} | "
+                 f"**{v['copy']['step_ms'] / v['serverless']['step_ms']:.2f}x** | yes: utils.flatten_parameters |")
+    before, after = thread_step_ms(threads)
+    L.append(f"| {threads['default']['threads']} thread(s) per rank, cores/ranks (before: OMP_NUM_THREADS=2, "
+             f"oversubscribed), ms/step over {threads['default']['steps']} steps | 2 | {before:.1f} | {after:.1f} | "
+             f"**{before / after:.2f}x** | yes: utils.set_threads |")
+    gains = {n: v["serverless"]["step_ms"] / v["overlap"]["step_ms"] for n, v in sv.items()}
+    for n, v in sv.items():
+        L.append(f"| overlap all-reduce with backward (buckets, hooks, Iallreduce), ms/step | {n} | "
+                 f"{v['serverless']['step_ms']:.1f} | {v['overlap']['step_ms']:.1f} | **{gains[n]:.2f}x** | "
+                 "no: bench/ddp.py only |")
+    views = {n: v["copy"]["step_ms"] / v["serverless"]["step_ms"] for n, v in sv.items()}
+    kb = round(4 * p0["floats"] / 1000)  # decimal KB, as the README counts
+    L += ["", "Grads as views of the flat buffer " + ("gained " if all(g >= OVERLAP_WINS for g in views.values())
+          else "gained nothing measurable ") + f"({', '.join(f'N={n}: {g:.2f}x' for n, g in views.items())}): "
+          f"the pack and unpack it saves copy the {kb} KB gradient twice per step, a fraction of a millisecond "
+          "at the memcpy speed of part 2. The scripts keep the views because they are also the simpler "
+          "code: one buffer that backward fills in place, no packing loop."]
+    won = all(g >= OVERLAP_WINS for g in gains.values())
+    L += ["", f"Overlap {'beat' if won else 'did not beat'} the plain step by the {OVERLAP_WINS:.2f}x that this "
+          f"machine's noise calls for, at every N ({', '.join(f'N={n}: {g:.2f}x' for n, g in gains.items())})."]
+    if not won:  # say why, from this run's numbers
+        why = f" There is little to hide: the all-reduce of the whole gradient ({kb} KB) is short once the ranks"
+        why += " are in step"
+        near = {nbytes: at_size(ar[first], nbytes) for nbytes in (256 << 10, 1 << 20)}
+        if all(near.values()):
+            why += (f" (part 2, N={first}: {near[256 << 10]['mpi_ms']:.2f} ms at 256 KB, "
+                    f"{near[1 << 20]['mpi_ms']:.2f} ms at 1 MB)")
+        why += ", and backward already keeps every core busy"
+        if run["no_progress_thread"]:
+            why += (", while this Open MPI has no progress thread (`ompi_info`: OMPI progress: no), so a "
+                    "started Iallreduce moves on only inside MPI calls, here the final Waitall")
+        L[-1] += why + ". The scripts keep the plain step, which is simpler to read."
+
+    L += ["", "## Commands", "", "From the repo root, in this order:", "", "```"]
+    L += [f"{c['command']}  # {c['seconds']:.1f} s" for c in run["commands"]] + ["```", ""]
+    return "\n".join(L)
+
+
+def thread_step_ms(threads):
+    """ms per step with OMP_NUM_THREADS=2 (before) and with utils.set_threads' choice (after)."""
+    return tuple(1e3 * threads[k]["history"][0]["step_time"] for k in ("OMP_NUM_THREADS=2", "default"))
+
+
+# ----------------------------------------------------------------------------- shared wording
+
+SCRIPTS = ("cent_sgd", "dist_sgd_serverless", "dist_sgd_param_server", "fed_avg_iid", "fed_avg_non-iid")
+
+
+def records(folder):
+    """The reference run's records: the scripts' (from HW5.ipynb), the notebook's own, and the bench's."""
+    r = {name: load(os.path.join(folder, f"{name}.json")) for name in (*SCRIPTS, "allreduce_n4", "notebook")}
+    r["bench"] = bench_records(os.path.join(folder, "bench"))
+    return r
+
+
+def wrap(text, width=96):
+    """Paragraphs and bullets, each line wrapped as the hand-written text around them; tables untouched."""
+    out = []
+    for line in text.split("\n"):
+        if line.startswith("|"):
+            out.append(line)
+            continue
+        indent = "  " if line.startswith("- ") else ""
+        lines = textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False,
+                              break_on_hyphens=False) or [""]
+        # a continuation line that markdown would read as a list item, heading, table or HTML: keep one line
+        if any(re.match(r"\s*([-+*] |#|\||<|\d+[.)] )", x) for x in lines[1:]):
+            lines = [line]
+        out += lines
+    return "\n".join(out)
+
+
+def plural(n, word, many=None):
+    """'1 epoch', '8 epochs'."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
+
+
+def pct(x):
+    return f"{x:.2f}%"
+
+
+def minutes(seconds):
+    return f"{seconds / 60:.1f} min"
+
+
+def command(r):
+    """The command that made a script's record, with its defaults left out."""
+    script = r["script"]
+    line = f"python {script}.py" if r["world_size"] == 1 else f"mpirun -n {r['world_size']} python {script}.py"
+    return line + (" --split-method non-iid" if r.get("split", "").startswith("non-iid") else "")
+
+
+def epoch_times(r):
+    """Seconds per epoch (FedAvg: round, evaluation included), from the record's history."""
+    return [h["round_time"] + h["eval_time"] if "round" in h else h["epoch_time"] for h in r["history"]]
+
+
+def step_ms(r):
+    """Mean training time per step over the run, in ms (the time inside train_time: no evaluation)."""
+    return 1e3 * sum(h["train_time"] for h in r["history"]) / r["steps"]
+
+
+def machine(r):
+    hw = r["hardware"]
+    return f"{hw['cpu']}, {hw['cores']} CPU cores, GPU: {hw['gpu'] or 'none'}"
+
+
+def mpi_name(ar):
+    return ar["mpi"].split(",")[0]  # "Open MPI v5.0.11"
+
+
+def classes_held(r):
+    """The number of classes each client holds, as words."""
+    held = sorted({sum(1 for n in counts if n) for counts in r["client_class_counts"]})
+    total = len(r["client_class_counts"][0])
+    return (f"{held[0]} of the {total} classes" if len(held) == 1 else
+            f"{held[0]} to {held[-1]} of the {total} classes")
+
+
+def first_rounds(r, k=3):
+    """The test accuracies of the first k rounds, as words."""
+    return ", ".join(f"{h['test_acc']:.1f}%" for h in r["history"][:k])
+
+
+def the_first_rounds_reach(r, k=3):
+    return "the first round reaches" if min(k, len(r["history"])) == 1 else "the first rounds reach"
+
+
+# ----------------------------------------------------------------------------- README.md
+
+def readme_fragments(R):
+    cent, sv, ps, iid, non = (R[k] for k in SCRIPTS)
+    b = R["bench"]
+    run, nb = b["run"], R["notebook"]
+    F = {}
+
+    F["results-setup"] = (
+        f"Measured by one run of `HW5.ipynb`, top to bottom ({nb['minutes']:.1f} min, finished "
+        f"{nb['finished']}), on {machine(cent)}; PyTorch {cent['torch']}, {mpi_name(R['allreduce_n4'])}; "
+        f"dataset: {cent['config']['dataset']}. Every script ran "
+        + ("in the notebook's quick mode (one epoch or round on synthetic data)" if nb["quick"] else "with its defaults")
+        + ", one after another. "
+        "*training* is the training loop (the record's `wall_time`: no start-up or data loading), "
+        "and an epoch (FedAvg: a round) includes its evaluation. The records are in "
+        "[`results/reference/`](results/reference/).")
+
+    rows = ["| command | what | test accuracy | training | per epoch / round |", "|---|---|---|---|---|"]
+    for r in (cent, sv, ps, iid, non):
+        c = r["config"]
+        if r["script"] == "cent_sgd":
+            what = f"{plural(c['epochs'], 'epoch')}, batch {c['batch_size']}, lr {c['lr']:g}, " \
+                   f"{plural(r['threads'], 'thread')}"
+        elif r["script"] == "fed_avg":
+            what = (f"{r['split']}, {plural(len(r['history']), 'round')} × "
+                    f"{plural(c['local_epochs'], 'local epoch')}, "
+                    f"{len(r['client_sizes'])} clients")
+        else:
+            ranks = r.get("num_workers", r["world_size"])
+            what = (f"{plural(c['epochs'], 'epoch')}, {ranks} {'workers' if 'num_workers' in r else 'ranks'} × "
+                    f"{c['batch_size']}, lr {c['lr']:g}, {r['threads']} thread per rank")
+        t = epoch_times(r)
+        rows.append(f"| `{command(r)}` | {what} | **{pct(r['final_test_acc'])}** | {r['wall_time']:.0f} s | "
+                    f"{min(t):.1f}–{max(t):.1f} s |")
+    F["results-table"] = "\n".join(rows)
+
+    bullets = []
+    if all("max_rss_mb" in r for r in (cent, sv, ps, iid, non)):
+        bullets.append("- Peak resident memory of rank 0: " + ", ".join(
+            f"{r['max_rss_mb']:,.0f} MB for `{command(r)}`"
+            for r in (cent, sv, ps, iid, non)) + ".")
+    comm, wait = 100 * sv["comm_fraction"], 100 * sv["wait_fraction"]
+    bullets.append(
+        f"- Serverless, {sv['world_size']} ranks: {step_ms(sv):.0f} ms per step, {comm + wait:.1f}% of it inside "
+        f"`MPI_Allreduce`, which splits into **{comm:.1f}% for the all-reduce itself** and {wait:.1f}% waiting "
+        "for the last rank to arrive. The epoch line (`wait ... | comm ...`) and the JSON (`comm_fraction`, "
+        "`wait_fraction`) report the two apart: per step, the shortest time in the call over ranks is the "
+        "all-reduce itself, since the last rank to arrive waits for no one; the rest is load imbalance"
+        + (f", here {sv['world_size']} ranks time-sharing {sv['hardware']['cores']} cores, so that the OS runs "
+           "some of them later." if sv["hardware"]["cores"] < sv["world_size"] else "."))
+    P, S, W = ps["params"], ps["steps"], ps["num_workers"]
+    worker, server = ps["bytes_per_rank"][1], ps["bytes_per_rank"][0]
+    formula = " (= 4 B · P · S with P = {:,})".format(P) if worker["bytes_sent"] == 4 * P * S else ""
+    bullets.append(
+        f"- Parameter server, {W} workers: {step_ms(ps):.0f} ms per step ({step_ms(ps) / step_ms(sv):.2f}× "
+        f"serverless), {100 * ps['comm_fraction']:.1f}% of it in communication, waiting for the server "
+        f"included. Over the {S:,} steps each worker sent {worker['bytes_sent']:,} bytes and received "
+        f"{worker['bytes_recv']:,}{formula}, and the server "
+        + (f"{W} times that." if server["bytes_recv"] == W * worker["bytes_sent"] else
+           f"received {server['bytes_recv']:,} and sent {server['bytes_sent']:,}."))
+    F["results-bullets"] = "\n".join(bullets)
+
+    data = "CIFAR-10" if run["dataset"].startswith("CIFAR-10") else "synthetic data"
+    F["bench-wall"] = f"{run['wall_s'] / 60:.1f} min on {machine_of_run(run)}, on {data}"
+    targets = bench_targets(b)
+    by = {what: v for what, v, _, _ in targets}
+    ns = sorted(b["ddp"])
+    rows = ["| target | measured | limit |", "|---|---|---|",
+            f"| serverless step against PyTorch DDP (gloo, same model, batch and N), steps/s, "
+            f"N = {' and '.join(map(str, ns))} | "
+            + ", ".join(f"{by[f'serverless steps/s / DDP-gloo steps/s, N={n}']:.2f}×" for n in ns) + " | ≥ 1.0× |",
+            f"| hand-written ring against `MPI_Allreduce`, time at 4 MB, N = {' and '.join(map(str, ns))} | "
+            + ", ".join(fmt(by[f"ring / MPI_Allreduce time at 4 MB, N={n}"]) + "×" for n in ns).replace("–×", "–")
+            + " | ≤ 2× |",
+            "| serverless N = 2 epoch against centralized, same global batch 128, same cores | "
+            f"{by['serverless N=2 epoch / centralized batch 128 epoch']:.2f}× | ≤ 1.15× |",
+            f"| the whole bench | {run['wall_s'] / 60:.1f} min | ≤ 15 min |"]
+    F["bench-table"] = "\n".join(rows)
+    F["bench-bullets"] = "\n".join(bench_bullets(b))
+
+    F["q7-table"] = "\n".join(q7_table(b["ar"]) + ["", q7_note(b)])
+    F["noniid"] = noniid_paragraph(iid, non)
+    return {name: text if "\n" not in text and name.endswith("-wall") else wrap(text) for name, text in F.items()}
+
+
+def machine_of_run(run):
+    hw = run["machine"]
+    return f"{hw['cpu']}, {hw['cores']} CPU cores, GPU: {hw['gpu'] or 'none'}"
+
+
+def bench_bullets(b):
+    ddp, ar, pickled, epochs, threads = (b[k] for k in ("ddp", "ar", "pickled", "epochs", "threads"))
+    sv = {n: d["variants"] for n, d in ddp.items()}
+    ns, first, last = sorted(ddp), min(ddp), max(ddp)
+    diffs = ", ".join(f"{ddp[n]['max_abs_diff']['ddp']:.1g} at N = {n}" for n in ns)
+    out = [f"- DDP and the serverless step end with the same parameters after {ddp[first]['check_steps']} steps "
+           f"from the same weights (largest difference {diffs}), so the race is fair."]
+    ms = pickled[first]["median_ms"]
+    buf = ms["Allreduce(buffer)"]
+    out.append(f"- **Pickle against buffer:** the lowercase `comm.allreduce(tensor)` takes "
+               f"{ms['allreduce(tensor)'] / buf:.1f}× as long as `Allreduce` on the flat float32 buffer "
+               f"({ms['allreduce(tensor)']:.2f} against {buf:.2f} ms at N = {first}), and one lowercase call per "
+               f"parameter tensor {ms['allreduce per tensor'] / buf:.0f}×.")
+    e = epochs.get(f"serverless N={last}")
+    if e:
+        skip = sv[last]
+        exposed = 100 * (skip["serverless"]["step_ms"] - skip["skip"]["step_ms"]) / skip["serverless"]["step_ms"]
+        cores = b["run"]["machine"]["cores"]
+        out.append(f"- **Where a serverless step goes**, N = {last}, one epoch: compute {e['compute_s']:.1f} s, "
+                   f"the all-reduce {e['comm_s']:.2f} s, waiting for the last rank {e['wait_s']:.2f} s. "
+                   f"Uncoupling the ranks (skipping the all-reduce) shortens the step by {exposed:.1f}%"
+                   + (f": the wait is mostly the time-sharing of {cores} cores, which the ranks pay with or "
+                      "without it." if cores < last and exposed < 100 * e["wait_s"] / e["epoch_s"] else "."))
+    before, after = thread_step_ms(threads)
+    views = ", ".join(f"{sv[n]['copy']['step_ms'] / sv[n]['serverless']['step_ms']:.2f}× at N = {n}" for n in ns)
+    gains = {n: sv[n]["serverless"]["step_ms"] / sv[n]["overlap"]["step_ms"] for n in ns}
+    won = all(g >= OVERLAP_WINS for g in gains.values())
+    kb = round(4 * pickled[first]["floats"] / 1000)
+    out.append(
+        f"- **Optimizations, each with its gain measured in the same run:** one thread per rank "
+        f"(`utils.set_threads`) against `OMP_NUM_THREADS=2` on 2 ranks, **{before / after:.1f}×**; grads as views "
+        f"of the flat buffer against packing and unpacking them, {views}, kept because it is also the simpler "
+        f"code; overlapping the all-reduce with backward (DDP's buckets and hooks, by hand in `bench/ddp.py`), "
+        + ", ".join(f"{g:.2f}× at N = {n}" for n, g in gains.items())
+        + (", a gain, but not in the scripts, which keep the plain step to stay readable."
+           if won else
+           f", so not in the scripts: the {kb} KB all-reduce is short, backward already fills the cores"
+           + (", and this Open MPI has no progress thread to move an `Iallreduce` during backward."
+              if b["run"]["no_progress_thread"] else ".")))
+    return out
+
+
+Q7_SIZES = (1 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
+
+
+def q7_table(ar):
+    ns = sorted(ar)
+    head = "| buffer | " + " | ".join(f"N={n}: mpi | ring | tree | copy | ring/mpi" for n in ns) + " |"
+    L = [head, "|---|" + "---|" * 5 * len(ns)]
+    sizes = [nbytes for nbytes in Q7_SIZES if any(at_size(ar[n], nbytes) for n in ns)]
+    for i, nbytes in enumerate(sizes):
+        cells = []
+        for n in ns:
+            row = at_size(ar[n], nbytes)
+            if row is None:
+                cells.append(" | ".join(["–"] * 5))
+                continue
+            ratio = f"{row['ring_ms'] / row['mpi_ms']:.2f}"
+            unit = " ms" if i == 0 else ""
+            cells.append(f"{row['mpi_ms']:.3f}{unit} | {row['ring_ms']:.3f} | {row['tree_ms']:.3f} | "
+                         f"{row['copy_ms']:.3f} | " + (f"**{ratio}**" if nbytes == 4 << 20 else ratio))
+        L.append(f"| {size_name(nbytes)} | " + " | ".join(cells) + " |")
+    return L
+
+
+def q7_note(b):
+    ar, run = b["ar"], b["run"]
+    ns = sorted(ar)
+    small, large = (min(r["bytes"] for r in ar[max(ns)]["rows"]), max(r["bytes"] for r in ar[max(ns)]["rows"]))
+    lo, hi = at_size(ar[max(ns)], small), at_size(ar[max(ns)], large)
+    return (f"(`mpirun -n N python bench/allreduce.py`, N = {' and '.join(map(str, ns))}, from the bench run of "
+            f"[Performance](#performance) on {machine_of_run(run)}: "
+            + " and ".join(f"`results/reference/bench/allreduce_n{n}.json`" for n in ns)
+            + f"; median of {ar[ns[0]]['repeats']} calls, each the slowest rank's time; `copy` is the physical "
+            "floor, a memcpy of the buffer timed in the same run, times 2(N−1)/N, a ring's traffic per rank. "
+            "The notebook's Q7 cell runs N = 4 again, and its answer quotes that run. Run by hand, the script "
+            "writes `results/allreduce_nN.json` and `figures/allreduce_nN.png`.) "
+            f"At N = {max(ns)}, the smallest buffer ({size_name(small)}) is latency-bound: the tree's "
+            f"{'few messages beat' if lo['tree_ms'] < lo['ring_ms'] else 'few messages do not beat'} the ring's "
+            f"many ({lo['tree_ms']:.3f} against {lo['ring_ms']:.3f} ms). At {size_name(large)} the ring's "
+            "bandwidth-optimal schedule "
+            + (f"beats the tree, which pushes the whole buffer through rank 0 ⌈log2 N⌉ times "
+               f"({hi['ring_ms']:.2f} against {hi['tree_ms']:.2f} ms)" if hi["ring_ms"] < hi["tree_ms"] else
+               f"does not beat the tree here ({hi['ring_ms']:.2f} against {hi['tree_ms']:.2f} ms)")
+            + f", and is {hi['ring_ms'] / hi['mpi_ms']:.2f}× MPI's own all-reduce.")
+
+
+def noniid_paragraph(iid, non):
+    K = len(non["client_sizes"])
+    shards = 2 * K
+    shard = sum(non["client_sizes"]) // shards
+    drop = non["final_test_acc"] < iid["final_test_acc"]
+    return (f"With `--split-method non-iid` the training set is sorted by label and cut into {shards} shards "
+            f"of {shard:,}, two per client (McMahan et al., 2017): each client holds {classes_held(non)} "
+            "(`figures/data_distribution_non-iid.png`, against `figures/data_distribution_iid.png`). "
+            f"Accuracy {'drops' if drop else 'goes'} from {pct(iid['final_test_acc'])} to "
+            f"{pct(non['final_test_acc'])} with the same {plural(len(non['history']), 'round')}, and "
+            f"{the_first_rounds_reach(non)} {first_rounds(non)} (iid: {first_rounds(iid)}).")
+
+
+# ----------------------------------------------------------------------------- HW5.ipynb
+
+def notebook_fragments(R):
+    cent, sv, ps, iid, non = (R[k] for k in SCRIPTS)
+    nb, ar = R["notebook"], R["allreduce_n4"]
+    hw = cent["hardware"]
+    F = {}
+    shared = (f", so the {sv['world_size']} or {ps['world_size']} ranks of Q2 to Q5 share {hw['cores']} cores, and "
+              "the wall times show this machine rather than how the paradigms scale"
+              if not hw["gpu"] and hw["cores"] < ps["world_size"] else "")
+    F["notebook-run"] = (
+        f"**About the outputs below.** They come from one run of this notebook, top to bottom, finished "
+        f"{nb['finished']}, in {nb['minutes']:.1f} minutes{' (quick mode)' if nb['quick'] else ''}: "
+        f"{machine(cent)} (PyTorch {cent['torch']} on the {cent['device']}, {mpi_name(ar)}){shared}. "
+        f"Dataset: {cent['config']['dataset']}. Their JSON records are committed in `results/reference/`, "
+        "and `python bench/report.py` writes the numbers of the answers below from them.")
+
+    c = cent["config"]
+    F["answer-q1"] = (
+        f"**Answer (Q1).** Centralized SGD reaches **{pct(cent['final_test_acc'])}** test accuracy after "
+        f"{plural(c['epochs'], 'epoch')} ({plural(cent['steps'], 'step')} of batch {c['batch_size']}, "
+        f"lr {c['lr']:g}) in "
+        f"{minutes(cent['wall_time'])} of training. The cell below reads the number from "
+        "`results/reference/cent_sgd.json`, which the script wrote.")
+
+    N, b = sv["world_size"], sv["config"]["batch_size"]
+    F["answer-q2"] = (
+        f"**Answer (Q2).** Serverless data-parallel SGD on {N} ranks reaches **{pct(sv['final_test_acc'])}** "
+        f"(Q1: {pct(cent['final_test_acc'])}). The per-rank batch is {b}, so each step uses a global batch of "
+        f"{N * b} and an epoch takes {N}× fewer steps ({sv['steps']:,} in all); the lr is scaled by √{N} to "
+        f"{sv['config']['lr']:g}. The model has no BatchNorm, so the averaged gradient is exactly the gradient "
+        f"of the whole global batch: this *is* centralized SGD with batch {N * b} (the tests check it to float32 "
+        "rounding), and the difference from Q1 comes from the larger batch and lr, not from distributing the "
+        "work.")
+
+    gap = abs(ps["final_test_acc"] - sv["final_test_acc"])
+    F["answer-q3"] = (
+        f"**Answer (Q3).** The parameter server with {ps['num_workers']} workers reaches "
+        f"**{pct(ps['final_test_acc'])}** (Q2: {pct(sv['final_test_acc'])}). It computes the same steps as Q2: "
+        f"the same global batch of {ps['global_batch']}, the same lr, with the momentum held by the server. "
+        f"The two runs end {gap:.2f} points apart only through float32 rounding (the server adds the "
+        f"gradients in another order than `MPI_Allreduce`), which grows over {ps['steps']:,} steps. What "
+        "differs by design is the traffic: all of it goes through rank 0 (Q6), and the time: "
+        f"{minutes(ps['wall_time'])} of training against {minutes(sv['wall_time'])}.")
+
+    K, steps = len(iid["client_sizes"]), max(iid["local_steps"])
+    others = [cent["final_test_acc"], sv["final_test_acc"], ps["final_test_acc"]]
+    where = ("below all of" if iid["final_test_acc"] < min(others) else
+             "above all of" if iid["final_test_acc"] > max(others) else "between")
+    F["answer-q4"] = (
+        f"**Answer (Q4).** FedAvg with {K} iid clients reaches **{pct(iid['final_test_acc'])}** after "
+        f"{plural(len(iid['history']), 'round')}. Each round every client starts from the global model, "
+        f"takes {steps:,} local SGD steps (one pass over its {max(iid['client_sizes']):,} samples) and sends its "
+        "weights back; the server averages them weighted by sample count. That is "
+        f"{plural(len(iid['history']), 'pass', 'passes')} over the data in all, and it ends {where} Q1 to Q3 "
+        f"({', '.join(pct(a) for a in others)}): an average of {K} models trained apart for {steps:,} steps is "
+        f"not the same as {steps:,} steps of SGD. In exchange it talks to "
+        "the server once per round instead of once per step.")
+
+    diff = iid["final_test_acc"] - non["final_test_acc"]
+    shards = 2 * len(non["client_sizes"])
+    F["answer-q5"] = (
+        f"**Answer (Q5).** With non-iid clients FedAvg reaches **{pct(non['final_test_acc'])}**, "
+        f"{abs(diff):.1f} points {'below' if diff > 0 else 'above'} the iid split ({pct(iid['final_test_acc'])}), "
+        "with the same data, model, rounds and communication. In the plots, each iid client holds all "
+        f"classes in equal parts; each non-iid client holds {classes_held(non)} (the training set, sorted by "
+        f"label, is cut into {shards} shards of {sum(non['client_sizes']) // shards:,} images and each client "
+        f"gets 2). {the_first_rounds_reach(non).capitalize()} {first_rounds(non)}, against {first_rounds(iid)} "
+        "with iid clients.")
+    F["q5-local-steps"] = f"{max(non['local_steps']):,}"
+    F["q6-local-steps"] = f"{max(iid['local_steps']):,}"
+    F["answer-q7-measured"] = q7_measured(ar)
+    return {name: text if name.endswith("-steps") else wrap(text) for name, text in F.items()}
+
+
+def q7_measured(ar):
+    N, rows = ar["n"], ar["rows"]
+    lo, hi = rows[0], rows[-1]
+    log_n = (N - 1).bit_length()  # ⌈log2 N⌉
+    def us(ms):
+        return f"{ms:.1f} ms" if ms >= 1 else f"{1e3 * ms:.0f} µs"
+
+    worst = max(r["mpi_ms"] / min(r["ring_ms"], r["tree_ms"]) for r in rows)
+    return (
+        f"**What the benchmark shows** (N = {N}, `results/reference/allreduce_n{N}.json`, all ranks on one "
+        f"machine, {ar['machine']}, so a \"link\" is shared memory). For small buffers the latency term "
+        f"dominates, and the tree (2⌈log2 {N}⌉ = {2 * log_n} rounds) "
+        f"{'beats' if lo['tree_ms'] < lo['ring_ms'] else 'does not beat'} the ring ({2 * (N - 1)} steps): at "
+        f"{size_name(lo['bytes'])}, tree {us(lo['tree_ms'])} against ring {us(lo['ring_ms'])}. For large buffers "
+        f"the bandwidth term dominates and the ring, which moves {2 * (N - 1) / N:g}·P per rank against the "
+        f"tree's {log_n}·P through rank 0, {'wins' if hi['ring_ms'] < hi['tree_ms'] else 'does not win here'}: "
+        f"at {size_name(hi['bytes'])}, ring {us(hi['ring_ms'])} against tree {us(hi['tree_ms'])}. "
+        "`MPI_Allreduce` switches algorithms by size and "
+        + (f"is close to the better of the two everywhere (at most {worst:.2f}× its time; "
+           if worst <= 1.5 else f"takes up to {worst:.1f}× the better of the two (")
+        + f"{us(hi['mpi_ms'])} at {size_name(hi['bytes'])}). Over a real network α and β are much larger "
+        "than through shared memory; the α-β model above predicts the same shape there, with the crossover "
+        "at another size.")
+
+
+# ----------------------------------------------------------------------------- fragments
+
+def fill(text, fragments, where):
+    """text with the body of every marked fragment replaced; (new text, names found)."""
+    found = []
+
+    def body(m):
+        name = m["name"]
+        if name not in fragments:
+            raise SystemExit(f"error: {where} marks a fragment {name!r} that bench/report.py does not generate")
+        found.append(name)
+        new = fragments[name]
+        if m["body"].startswith("\n"):  # a block: markers on lines of their own
+            new = f"\n{new}\n"
+        elif m.start() == 0 or text[m.start() - 1] == "\n":  # markdown would show the line as raw HTML
+            raise SystemExit(f"error: {where}: the inline fragment {name!r} starts a line; put a word before it")
+        return f"<!-- begin: {name} -->{new}<!-- end: {name} -->"
+
+    return FRAGMENT.sub(body, text), found
+
+
+def generated(folder):
+    """{path: (current text, text generated from the records)} for README.md, HW5.ipynb, RESULTS.md."""
+    import nbformat  # only here: rendering RESULTS.md (bench/run.py) needs no Jupyter
+
+    R = records(folder)
+    out = {}
+    with open(README) as f:
+        current = f.read()
+    text, found = fill(current, readme_fragments(R), "README.md")
+    missing(readme_fragments(R), found, "README.md")
+    out[README] = (current, text)
+
+    with open(NOTEBOOK) as f:
+        current = f.read()
+    nb = nbformat.reads(current, as_version=4)
+    fragments, found = notebook_fragments(R), []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source, names = fill(cell.source, fragments, "HW5.ipynb")
+            found += names
+    missing(fragments, found, "HW5.ipynb")
+    text = nbformat.writes(nb)
+    out[NOTEBOOK] = (current, text if text.endswith("\n") else text + "\n")  # as nbformat.write ends a file
+
+    with open(RESULTS_MD) as f:
+        out[RESULTS_MD] = (f.read(), render_results(os.path.join(folder, "bench"), os.path.dirname(RESULTS_MD)))
+    return out
+
+
+def missing(fragments, found, where):
+    lost = sorted(set(fragments) - set(found))
+    twice = sorted({n for n in found if found.count(n) > 1})
+    if lost or twice:
+        raise SystemExit(f"error: {where}: fragment markers missing for {lost}, repeated for {twice}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 with a diff if any file differs")
+    parser.add_argument("--records", default=RECORDS, help="the reference run's records (default: %(default)s)")
+    args = parser.parse_args()
+    stale = []
+    for path, (current, text) in generated(args.records).items():
+        if current == text:
+            continue
+        stale.append(os.path.relpath(path, ROOT))
+        if args.check:
+            sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
+                                                       f"{stale[-1]} (committed)", f"{stale[-1]} (from the records)"))
+        else:
+            with open(path, "w") as f:
+                f.write(text)
+    if args.check and stale:
+        print(f"\n{', '.join(stale)} differ from the records in {shown_path(args.records)}: "
+              "run `python bench/report.py`", file=sys.stderr)
+        sys.exit(1)
+    print(f"{'stale' if args.check else 'rewrote'}: {', '.join(stale)}" if stale else "all generated numbers "
+          "equal the records")
+
+
+if __name__ == "__main__":
+    main()

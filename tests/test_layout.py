@@ -1,0 +1,61 @@
+"""The scripts keep the shape a reader learns from: main() is wiring (setup, loop, report) and
+each role is a function of one screen; what goes beyond the assignment lives in extensions/."""
+import ast
+import os
+
+import pytest
+
+from mpi import ROOT
+
+SCRIPTS = ("cent_sgd.py", "dist_sgd_serverless.py", "dist_sgd_param_server.py", "fed_avg.py")
+# the roles each script must name (McMahan et al.'s Algorithm 1 for FedAvg)
+ROLES = {
+    "cent_sgd.py": {"train_epoch"},
+    "dist_sgd_serverless.py": {"train_epoch", "average_gradients_", "broadcast_parameters_",
+                               "mpi_allreduce_", "ring_allreduce_", "tree_allreduce_"},
+    "dist_sgd_param_server.py": {"train_epoch", "server_step", "worker_step", "gather_gradients_",
+                                 "send_parameters_"},
+    "fed_avg.py": {"server_round", "client_update", "send_global_model_", "reduce_weighted_sums_"},
+}
+
+
+def functions(path):
+    with open(os.path.join(ROOT, path)) as f:
+        tree = ast.parse(f.read())
+    return {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_main_is_wiring_and_every_function_fits_a_screen(script):
+    lengths = functions(script)
+    assert lengths["main"] <= 80, f"{script}: main() has {lengths['main']} lines"
+    too_long = {name: n for name, n in lengths.items() if n > 60 and name != "main"}
+    assert not too_long, f"{script}: functions over 60 lines: {too_long}"
+    missing = ROLES[script] - set(lengths)
+    assert not missing, f"{script} lacks the role functions {missing}"
+
+
+# one idiom kept together: how a tensor meets MPI (staged, and the buffers only MPI touches)
+ONE_USER_ALLOWED = {"mpi_empty"}
+
+
+def test_utils_holds_only_what_two_scripts_use():
+    """A utils function that only one script calls belongs in that script."""
+    defined = {name for name in functions("utils.py")}
+    sources = {s: open(os.path.join(ROOT, s)).read() for s in SCRIPTS}
+    used_by = {name: [s for s, text in sources.items() if f"utils.{name}(" in text] for name in defined}
+    internal = open(os.path.join(ROOT, "utils.py")).read()
+    single = {name: users for name, users in used_by.items()
+              if len(users) == 1 and internal.count(f"{name}(") <= 1 and name not in ONE_USER_ALLOWED}  # only its definition in utils
+    assert not single, f"used by one script only: {single}"
+
+
+def test_extensions_folder_exists_and_imports_nothing_from_the_scripts():
+    folder = os.path.join(ROOT, "extensions")
+    assert os.path.isfile(os.path.join(folder, "README.md"))
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            text = open(os.path.join(folder, name)).read()
+            for script in SCRIPTS:
+                assert f"import {script[:-3]}" not in text, f"extensions/{name} imports {script}"
