@@ -16,7 +16,12 @@ train like `mpirun -n 4 python dist_sgd_serverless.py`.
 
 Per step, each worker sends and receives P float32 (4P bytes each way) and the server
 receives and sends W x 4P bytes: all traffic goes through the server's link.
+
+Beyond the assignment: --mode async (Downpour SGD) and --mode ssp (bounded staleness), in
+extensions/async_ps.py, and --straggler RANK:FACTOR, a worker slowed on purpose for
+experiments, in extensions/stragglers.py. The default, --mode sync, is the server above.
 """
+import contextlib
 import math
 import time
 
@@ -25,6 +30,7 @@ import torch
 from mpi4py import MPI
 
 import utils
+from extensions import async_ps, stragglers
 
 SERVER = 0
 GRADIENTS, PARAMETERS = 1, 2  # message tags, so a reader sees which is which
@@ -85,12 +91,14 @@ def server_step(optimizer, flat_params, flat_grads, inbox, lr, comm, traffic, de
     return update_time
 
 
-def worker_step(model, flat_params, flat_grads, x, y, flip, comm, traffic, device_ok):
+def worker_step(model, flat_params, flat_grads, x, y, flip, comm, traffic, device_ok,
+                straggle=contextlib.nullcontext):
     """A worker's step: the gradient of its share of the global batch, to the server; then
-    the server's new weights, which the model's parameters are views of.
-    Returns (the batch's loss, the seconds spent communicating)."""
+    the server's new weights, which the model's parameters are views of. `straggle` wraps
+    the compute (--straggler). Returns (the batch's loss, the seconds spent communicating)."""
     flat_grads.zero_()
-    loss = utils.train_step(model, x, y, flip)
+    with straggle():
+        loss = utils.train_step(model, x, y, flip)
     t0 = time.perf_counter()
     with utils.staged(flat_grads, device_ok, write=False) as buf:
         traffic.add(gather_gradients_(buf, comm))
@@ -103,10 +111,12 @@ def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, 
                 args, comm, traffic):
     """One pass over the training set, in global batches of W x --batch-size: the server
     runs server_step and each worker worker_step on its strided share, in lockstep.
-    Returns (step, this rank's mean loss, its communication time, the server's update time)."""
+    Returns (step, this rank's mean loss, its communication time, the server's update time,
+    {} (what other modes add to the epoch's record))."""
     rank, num_workers = comm.Get_rank(), comm.Get_size() - 1
     x_train, y_train = train
     device_ok = utils.mpi_is_cuda_aware(x_train.device)
+    straggle = stragglers.slowdown(args, rank, x_train.device)
     order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
     order, flips = order.to(x_train.device), flips.to(x_train.device)
     # The server walks the same batches only to count the steps; it never reads them.
@@ -120,10 +130,14 @@ def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, 
             update_time += server_step(optimizer, flat_params, flat_grads, inbox, lr, comm, traffic, device_ok)
         else:
             loss, seconds = worker_step(model, flat_params, flat_grads, x_train[idx], y_train[idx], flip,
-                                        comm, traffic, device_ok)
+                                        comm, traffic, device_ok, straggle)
             loss_sum, comm_time = loss_sum + loss, comm_time + seconds
         step, n_steps = step + 1, n_steps + 1
-    return step, loss_sum.item() / max(1, n_steps), comm_time, update_time
+    return step, loss_sum.item() / max(1, n_steps), comm_time, update_time, {}
+
+
+# --mode: the assignment's synchronous epoch, or async / ssp from extensions/async_ps.py
+MODES = {"sync": train_epoch, **async_ps.MODES}
 
 
 # ----- training -----
@@ -132,12 +146,20 @@ def parse_args(world_size):
     parser = utils.get_parser("dist_sgd_param_server", __doc__.splitlines()[0], epochs=8,
                               batch_size=utils.BASE_BATCH, lr=None,
                               batch_help="samples per worker per step; the global batch is (N-1) x this")
+    parser.add_argument("--mode", choices=tuple(MODES), default="sync",
+                        help="sync: the server waits for all W gradients; async: it applies each as it "
+                             "comes; ssp: as async, with staleness at most --staleness (extensions/async_ps.py)")
+    async_ps.add_flags(parser)
+    stragglers.add_flags(parser)
     args = parser.parse_args()
     utils.check_args(args)
     if world_size < 2:
         utils.fail("a parameter server needs at least one worker: run with mpirun -n 2 or more "
                    "(rank 0 is the server, ranks 1..N-1 the workers)")
-    args.lr = args.lr or utils.scaled_lr((world_size - 1) * args.batch_size)
+    async_ps.check(args)
+    stragglers.check(args, world_size, first=1)
+    # sync: one step applies W x --batch-size samples; async, ssp: one worker's --batch-size
+    args.lr = args.lr or utils.scaled_lr((world_size - 1 if args.mode == "sync" else 1) * args.batch_size)
     return args
 
 
@@ -154,7 +176,7 @@ def main():
     # data: every worker holds the whole set and takes its strided share of each global
     # batch; the server uses only the test set
     train, (x_test, y_test) = utils.load_data(args, device, comm)
-    total_steps = utils.count_steps(len(train[0]), global_batch, args)
+    total_steps = utils.count_steps(len(train[0]), global_batch if args.mode == "sync" else args.batch_size, args)
 
     # model: parameters and gradients live in two flat buffers, so one call moves them all.
     # Only the server has an optimizer and an inbox, one row per worker.
@@ -181,7 +203,7 @@ def main():
         if progress["step"] == total_steps:
             break
         t0 = time.perf_counter()
-        step, train_loss, comm_time, update_time = train_epoch(
+        step, train_loss, comm_time, update_time, extra = MODES[args.mode](
             model, optimizer, flat_params, flat_grads, inbox, train, epoch, progress["step"], total_steps,
             args, comm, traffic)
         utils.sync(device)
@@ -193,7 +215,7 @@ def main():
         h = dict(epoch=epoch + 1, steps=step, train_loss=train_loss, test_loss=test_loss / len(x_test),
                  test_acc=100 * correct / len(x_test), train_time=train_time, comm_time=comm_time,
                  server_update_time=update_time, step_time=train_time / max(1, step - progress["step"]),
-                 epoch_time=time.perf_counter() - t0)
+                 epoch_time=time.perf_counter() - t0, **extra)
         utils.print0(f"epoch {h['epoch']:3d}/{args.epochs} | train loss {h['train_loss']:.4f} | "
                      f"test acc {h['test_acc']:6.2f}% | {h['epoch_time']:6.1f} s | comm {comm_time:5.2f} s")
         if not math.isfinite(train_loss):

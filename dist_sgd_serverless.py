@@ -3,6 +3,7 @@
     mpirun -n 4 python dist_sgd_serverless.py                    # MPI_Allreduce
     mpirun -n 4 python dist_sgd_serverless.py --allreduce ring   # hand-written ring (Q7)
     mpirun -n 4 python dist_sgd_serverless.py --dataset synthetic
+    mpirun -n 4 python dist_sgd_serverless.py --compress powersgd   # fewer bytes: fp16, topk, powersgd
     mpirun -n 4 python dist_sgd_serverless.py --checkpoint ckpt.pt --resume   # rerun after a crash
     (as root or in Colab, add: --allow-run-as-root --oversubscribe)
 
@@ -21,6 +22,8 @@ import torch
 from mpi4py import MPI
 
 import utils
+from extensions import compression
+from extensions import stragglers
 
 
 # ----- communication: one function per pattern -----
@@ -135,11 +138,18 @@ def average_gradients_(flat_grads, comm, allreduce_, device_ok=False):
     return moved
 
 
+# --compress: the assignment's average (none), or a compressed one (extensions/compression.py);
+# each entry builds the averaging function from the model and the flags, as compressors keep state
+COMPRESS = {"none": lambda model, args: average_gradients_, **compression.METHODS}
+
+
 # ----- training -----
 
-def train_epoch(model, optimizer, flat_grads, train, epoch, step, total_steps, args, comm, traffic):
+def train_epoch(model, optimizer, flat_grads, train, epoch, step, total_steps, args, comm, traffic,
+                average_=average_gradients_):
     """One pass over the training set. Each step: the gradient of this rank's strided share
-    of a global batch of N x --batch-size, the all-reduce, and the same SGD step on every rank.
+    of a global batch of N x --batch-size, the all-reduce (by `average_`, from COMPRESS), and
+    the same SGD step on every rank.
     Returns (step, mean loss, seconds this rank spent inside the all-reduce at each step)."""
     rank, world_size = comm.Get_rank(), comm.Get_size()
     x_train, y_train = train
@@ -147,15 +157,17 @@ def train_epoch(model, optimizer, flat_grads, train, epoch, step, total_steps, a
     device_ok = args.allreduce == "mpi" and utils.mpi_is_cuda_aware(x_train.device)
     order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
     order, flips = order.to(x_train.device), flips.to(x_train.device)
+    straggle = stragglers.slowdown(args, rank, x_train.device)  # --straggler: a no-op unless this rank is slowed
     loss_sum, in_call = torch.zeros((), device=x_train.device), []
     for idx, flip in utils.batches(order, flips, world_size * args.batch_size, rank, world_size):
         if step == total_steps:
             break
         utils.set_lr(optimizer, utils.lr_at(step, total_steps, args.lr, args.warmup))
         flat_grads.zero_()
-        loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
+        with straggle():
+            loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
         t0 = time.perf_counter()
-        traffic.add(average_gradients_(flat_grads, comm, allreduce_, device_ok))
+        traffic.add(average_(flat_grads, comm, allreduce_, device_ok))
         in_call.append(time.perf_counter() - t0)
         optimizer.step()
         step += 1
@@ -191,8 +203,18 @@ def parse_args(world_size):
                               batch_help="samples per rank per step; the global batch is N x this")
     parser.add_argument("--allreduce", choices=tuple(ALLREDUCE), default="mpi",
                         help="mpi: MPI_Allreduce; ring, tree: written here from point-to-point calls")
+    parser.add_argument("--compress", choices=tuple(COMPRESS), default="none",
+                        help="gradient compression (extensions/compression.py); none: the float32 gradient")
+    parser.add_argument("--topk-ratio", type=utils.positive(float), default=0.01,
+                        help="topk: the fraction of gradient entries each rank sends")
+    parser.add_argument("--powersgd-rank", type=utils.positive(int), default=2,
+                        help="powersgd: the rank of each gradient matrix's approximation")
+    stragglers.add_flags(parser)
     args = parser.parse_args()
     utils.check_args(args)
+    stragglers.check(args, world_size)
+    if args.topk_ratio > 1:
+        utils.fail(f"--topk-ratio must be in (0, 1], got {args.topk_ratio}")
     args.lr = args.lr or utils.scaled_lr(world_size * args.batch_size)
     return args
 
@@ -214,7 +236,9 @@ def main():
     model = utils.make_model(device, args.seed)
     flat_params, flat_grads = utils.flatten_parameters(model)
     optimizer = utils.make_optimizer(model.parameters(), args)
-    utils.print0(f"dist_sgd_serverless | {world_size} ranks, allreduce={args.allreduce} | "
+    average_ = COMPRESS[args.compress](model, args)
+    compressed = "" if args.compress == "none" else f", compress={args.compress}"  # default: today's line
+    utils.print0(f"dist_sgd_serverless | {world_size} ranks, allreduce={args.allreduce}{compressed} | "
                  f"{args.dataset}: {len(train[0])} train | {utils.num_params(model):,} params | "
                  f"batch {world_size} x {args.batch_size} = {global_batch} | lr {args.lr:.4g} | "
                  f"{total_steps} steps | {device} x {threads} threads per rank")
@@ -232,7 +256,7 @@ def main():
             break
         t0 = time.perf_counter()
         step, train_loss, in_call = train_epoch(model, optimizer, flat_grads, train, epoch,
-                                                progress["step"], total_steps, args, comm, traffic)
+                                                progress["step"], total_steps, args, comm, traffic, average_)
         utils.sync(device)
         train_time = time.perf_counter() - t0
         comm_time, wait_time = split_comm_and_wait(in_call, comm)
@@ -269,7 +293,8 @@ def main():
             params=utils.num_params(model), steps=progress["step"], wall_time=time.perf_counter() - t_start,
             final_test_acc=history[-1]["test_acc"], history=history, bytes_per_rank=per_rank_bytes,
             comm_fraction=sum(h["comm_time"] for h in history) / train_time,
-            wait_fraction=sum(h["wait_time"] for h in history) / train_time))
+            wait_fraction=sum(h["wait_time"] for h in history) / train_time,
+            compression=compression.record(average_, flat_grads, per_rank_bytes, progress["step"])))
         if args.save_model:
             utils.save_model(args.save_model, model)
 

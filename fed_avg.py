@@ -6,6 +6,7 @@
     mpirun -n 5 python fed_avg.py --num-clients 20 --client-fraction 0.25   # 5 of 20 per round
     mpirun -n 3 python fed_avg.py --dataset synthetic --rounds 2 --max-steps 5   # a quick look
     mpirun -n 5 python fed_avg.py --checkpoint ckpt.pt --resume        # rerun after a crash
+    mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm scaffold --measure-drift   # beyond
     (as root or in Colab, add: --allow-run-as-root --oversubscribe)
 
 Rank 0 is the server and holds the global model; ranks 1..N-1 host the clients, each of
@@ -27,6 +28,12 @@ FedAvg counts --rounds and --local-epochs (E in the paper), so this script has n
 round is one data-parallel SGD step whose gradient weights client k by n_k (FedSGD), which
 tests check. The lr follows a one-cycle schedule over each client's local steps of the run.
 Results go to results/fed_avg_<split>.json, the split's plot to figures/data_distribution_<split>.png.
+
+Beyond the assignment, through one hook each: --algorithm fedprox|fedavgm|scaffold picks a
+variant from extensions/fed_algorithms.py, which may amend the client's step, send more beside
+the weights, and set the new global weights otherwise than the average; --measure-drift records
+each client rank's model against the global one each round (extensions/drift.py). With the
+defaults (fedavg, no drift) the script computes what it computed without them, bit for bit.
 """
 import itertools
 import os
@@ -37,6 +44,7 @@ import torch
 from mpi4py import MPI
 
 import utils
+from extensions import drift, fed_algorithms
 
 SERVER = 0
 # Q5: change to "non-iid" (or pass --split-method non-iid) to give each client only a few classes.
@@ -184,12 +192,15 @@ def reduce_weighted_sums_(buf, comm, workers):
         parts = np.empty((len(workers), len(buf)), dtype=buf.dtype)
         wait_quietly([comm.Irecv(parts[i], source=w) for i, w in enumerate(workers)])
         np.sum(parts, axis=0, out=buf)  # in rank order, so the result is reproducible
-        return {"bytes_sent": 0, "bytes_recv": parts.nbytes}
+        return {"bytes_sent": 0, "bytes_recv": parts.nbytes, "parts": parts}  # parts: for --measure-drift
     wait_quietly([comm.Isend(buf, dest=SERVER)])
     return {"bytes_sent": buf.nbytes, "bytes_recv": 0}
 
 
 # ----- the two roles: Algorithm 1 of McMahan et al. 2017 -----
+# --algorithm: FedAvg's own hooks, or a variant's from extensions/fed_algorithms.py
+ALGORITHMS = {"fedavg": fed_algorithms.FedAvg, **fed_algorithms.VARIANTS}
+
 
 def local_steps(shard_size, args):
     """SGD steps a client with `shard_size` samples takes per round."""
@@ -197,57 +208,69 @@ def local_steps(shard_size, args):
     return min(steps, args.max_steps or steps)
 
 
-def client_update(model, train, shard, client, round_, args):
+def client_update(model, train, shard, client, round_, args, step_=fed_algorithms.plain_step):
     """ClientUpdate(k, w): train `model`, which holds the global weights w, for --local-epochs
     passes over client k's shard. The optimizer is new each round: momentum does not carry
-    over from a model the server has since replaced. Returns (summed loss, steps)."""
+    over from a model the server has since replaced. `step_(optimizer, lr)` takes each step:
+    optimizer.step(), which FedProx and SCAFFOLD amend (--algorithm). Returns (summed loss, steps)."""
     x_train, y_train = train
     optimizer = utils.make_optimizer(model.parameters(), args)
     steps = local_steps(len(shard), args)
     batches = client_batches(shard, args.batch_size, args.local_epochs, utils.stream_seed(args.seed, round_, client))
     loss_sum = torch.zeros((), device=x_train.device)
     for s, (idx, flip) in enumerate(itertools.islice(batches, steps)):
-        utils.set_lr(optimizer, utils.lr_at(round_ * steps + s, args.rounds * steps, args.lr, args.warmup))
+        lr = utils.lr_at(round_ * steps + s, args.rounds * steps, args.lr, args.warmup)
+        utils.set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=False)  # keep .grad as views into the flat buffer
         loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
-        optimizer.step()
+        step_(optimizer, lr)
     return loss_sum.item(), steps
 
 
-def server_round(flat_params, sums, workers, comm, traffic):
+def server_round(flat_params, sums, workers, comm, traffic, algo):
     """Server executes, one round: send the global weights w to the ranks of the round's
     clients, wait while they train, add up what they return, and set w = sum n_k w_k / sum n_k.
-    Returns the seconds spent sending."""
+    `algo` (--algorithm) may send and receive more beside them, and may set w otherwise.
+    Returns the seconds spent sending, and each client rank's [sum n_k w_k, sum n_k]."""
     t0 = time.perf_counter()
-    with utils.staged(flat_params, write=False) as buf:
-        traffic.add(send_global_model_(buf, comm, workers))
+    for t in [flat_params, *algo.downloads]:  # SCAFFOLD also sends its control variate
+        with utils.staged(t, write=False) as buf:
+            traffic.add(send_global_model_(buf, comm, workers))
     send_time = time.perf_counter() - t0
     with utils.staged(sums, read=False) as buf:  # the server adds the parts up with numpy
-        traffic.add(reduce_weighted_sums_(buf, comm, workers))
-    flat_params.copy_(sums[:-1] / sums[-1])  # the FedAvg step
-    return send_time
+        parts = traffic.add(reduce_weighted_sums_(buf, comm, workers))["parts"]
+    for t in algo.uploads:  # SCAFFOLD: sum n_k (c_k+ - c_k)
+        with utils.staged(t, read=False) as buf:
+            traffic.add(reduce_weighted_sums_(buf, comm, workers))
+    algo.server_update_(flat_params, sums[:-1] / sums[-1])  # the FedAvg step (FedAvg: w = the average)
+    return send_time, parts
 
 
-def client_round(model, flat_params, sums, train, shards, clients, round_, args, comm, traffic):
+def client_round(model, flat_params, sums, train, shards, clients, round_, args, comm, traffic, algo):
     """On a client rank: receive the global weights, run client_update for each of this
     round's `clients` hosted here (each from the global weights), and send back
-    [sum n_k w_k, sum n_k] over them. Returns (summed loss, steps, training and upload seconds)."""
-    with utils.staged(flat_params, read=False) as buf:
-        traffic.add(send_global_model_(buf, comm, None))
+    [sum n_k w_k, sum n_k] over them (and what `algo` adds in each direction).
+    Returns (summed loss, steps, training and upload seconds)."""
+    for t in [flat_params, *algo.downloads]:
+        with utils.staged(t, read=False) as buf:
+            traffic.add(send_global_model_(buf, comm, None))
     t0 = time.perf_counter()
     global_weights = flat_params.clone()
-    sums.zero_()
+    for t in [sums, *algo.uploads]:
+        t.zero_()
     loss_sum, n_steps = 0.0, 0
     for k in clients:
         flat_params.copy_(global_weights)
-        loss, steps = client_update(model, train, shards[k], k, round_, args)
+        loss, steps = client_update(model, train, shards[k], k, round_, args, algo.local_step(k, global_weights))
+        algo.client_done_(k, len(shards[k]), global_weights)
         sums[:-1] += len(shards[k]) * flat_params  # n_k w_k
         sums[-1] += len(shards[k])                 # n_k
         loss_sum, n_steps = loss_sum + loss, n_steps + steps
     utils.sync(flat_params.device)
     train_time = time.perf_counter() - t0
-    with utils.staged(sums, write=False) as buf:
-        traffic.add(reduce_weighted_sums_(buf, comm, None))
+    for t in [sums, *algo.uploads]:
+        with utils.staged(t, write=False) as buf:
+            traffic.add(reduce_weighted_sums_(buf, comm, None))
     return loss_sum, n_steps, train_time, time.perf_counter() - t0 - train_time
 
 
@@ -275,6 +298,16 @@ def parse_args(world_size):
     parser.add_argument("--client-fraction", type=float, default=1.0,
                         help="fraction C of the clients that train each round")
     parser.add_argument("--figures-dir", default="figures", help="where the data-distribution plot goes")
+    # beyond the assignment: extensions/fed_algorithms.py, extensions/drift.py
+    parser.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg",
+                        help="fedavg (McMahan et al. 2017), fedprox (Li et al. 2020), fedavgm (Hsu et al. "
+                             "2019) or scaffold (Karimireddy et al. 2020)")
+    parser.add_argument("--prox-mu", type=float, default=None, help="fedprox: mu of (mu/2)||w - w_global||^2; default 0.01")
+    parser.add_argument("--server-momentum", type=float, default=None, help="fedavgm: server momentum; default 0.9")
+    parser.add_argument("--server-lr", type=float, default=None, help="fedavgm, scaffold: server lr; default 1")
+    parser.add_argument("--measure-drift", action="store_true",
+                        help="record each round each client rank's distance from the new global model and "
+                             "per-class accuracies (costs the server a test pass per client rank)")
     args = parser.parse_args()
     args.split = args.split_method + (f"_alpha{args.alpha:g}" if args.alpha else "")  # names the outputs
     args.results = args.results or os.path.join("results", f"fed_avg_{args.split}.json")
@@ -288,6 +321,9 @@ def parse_args(world_size):
                    f"{world_size - 1} client ranks at least one client, or start fewer ranks")
     if not 0 < args.client_fraction <= 1:
         utils.fail(f"--client-fraction must be in (0, 1], got {args.client_fraction}")
+    error = fed_algorithms.check_args(args)  # fills in the defaults of the algorithm's flags
+    if error:
+        utils.fail(error)
     return args
 
 
@@ -327,6 +363,21 @@ def round_table(row, comm):
     return table
 
 
+def round_record(model, x_test, y_test, round_, clients, train_loss, table, t0, args):
+    """Server, after a round: evaluate the global model, print the round's line, return its record."""
+    round_time = time.perf_counter() - t0
+    test_loss, correct = utils.evaluate(model, x_test, y_test)
+    h = dict(round=round_ + 1, clients=clients, train_loss=train_loss, test_loss=test_loss / len(x_test),
+             test_acc=100 * correct / len(x_test), train_time=table[1:, 2].max(),  # the slowest client rank
+             # moving weights: the server's sends, then the slowest upload (not the waiting)
+             comm_time=table[0, 3] + table[1:, 3].max(),
+             round_time=round_time, eval_time=time.perf_counter() - t0 - round_time)
+    print(f"round {h['round']:3d}/{args.rounds} | train loss {h['train_loss']:.4f} | "
+          f"test acc {h['test_acc']:6.2f}% | {h['round_time'] + h['eval_time']:6.1f} s | "
+          f"comm {h['comm_time']:5.2f} s", flush=True)
+    return h
+
+
 def main():
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
@@ -344,19 +395,23 @@ def main():
 
     # model: the weights live in one flat buffer, so one call moves them all
     model = utils.make_model(device, args.seed)
-    flat_params, _ = utils.flatten_parameters(model)
+    flat_params, flat_grads = utils.flatten_parameters(model)
     sums = torch.zeros(len(flat_params) + 1, device=device)  # [sum_k n_k w_k, sum_k n_k]
+    algo = ALGORITHMS[args.algorithm](args, flat_params, flat_grads, [len(s) for s in shards])
+    meter = drift.DriftMeter(model, shards, train[1], host, (x_test, y_test)) if args.measure_drift else None
     utils.print0(f"fed_avg | server + {world_size - 1} client ranks | {args.num_clients} clients, "
                  f"{per_round} per round | {split_title} | {args.dataset}: {len(train[0])} train | "
-                 f"{len(flat_params):,} params | local: {args.local_epochs} epoch(s) = {min(steps)}"
+                 f"{len(flat_params):,} params | {args.algorithm} | local: {args.local_epochs} epoch(s) = {min(steps)}"
                  f"{'' if min(steps) == max(steps) else f'-{max(steps)}'} steps of {args.batch_size}, "
                  f"lr {args.lr:g} | {args.rounds} rounds | {device} x {threads} threads per rank")
 
     # resume: a round depends only on the global model, the client sampler and the metrics
     sampler = torch.Generator().manual_seed(args.seed)  # which clients train: a stream of its own
     progress = utils.load_checkpoint(args, world_size, model, None, dict(
-        round=0, history=[], wall_time=0.0, traffic=[[0, 0]] * world_size, sampler=sampler.get_state()))
+        round=0, history=[], wall_time=0.0, traffic=[[0, 0]] * world_size, sampler=sampler.get_state(),
+        algorithm={}))
     sampler.set_state(progress["sampler"])
+    algo.load_state_(progress["algorithm"])  # FedAvgM's momentum, SCAFFOLD's control variates
     traffic = utils.Traffic(*progress["traffic"][rank])
 
     # train
@@ -367,28 +422,22 @@ def main():
         workers = sorted({host[k] for k in clients})  # the ranks this round's clients run on
         loss_sum, n_steps, train_time, comm_time = 0.0, 0, 0.0, 0.0  # a rank with no client sits out
         if is_root:
-            comm_time = server_round(flat_params, sums, workers, comm, traffic)
+            comm_time, uploads = server_round(flat_params, sums, workers, comm, traffic, algo)
         elif rank in workers:
             loss_sum, n_steps, train_time, comm_time = client_round(
                 model, flat_params, sums, train, shards, [k for k in clients if host[k] == rank], round_,
-                args, comm, traffic)
+                args, comm, traffic, algo)
         # every rank's statistics to every rank: all stop together if training diverged
         table = round_table([loss_sum, n_steps, train_time, comm_time, traffic.sent, traffic.received], comm)
         train_loss = table[:, 0].sum() / max(1, table[:, 1].sum())
         if not np.isfinite(train_loss):
             utils.fail(f"training diverged (train loss {train_loss}); lower --lr", code=1)
-        progress.update(round=round_ + 1, sampler=sampler.get_state(), traffic=table[:, 4:].tolist())
+        progress.update(round=round_ + 1, sampler=sampler.get_state(), traffic=table[:, 4:].tolist(),
+                        algorithm=algo.state(comm, clients, host))  # SCAFFOLD: c_k to the server
         if is_root:
-            round_time = time.perf_counter() - t0
-            test_loss, correct = utils.evaluate(model, x_test, y_test)
-            h = dict(round=round_ + 1, clients=clients, train_loss=train_loss, test_loss=test_loss / len(x_test),
-                     test_acc=100 * correct / len(x_test), train_time=table[1:, 2].max(),  # the slowest client rank
-                     # moving weights: the server's sends, then the slowest upload (not the waiting)
-                     comm_time=table[0, 3] + table[1:, 3].max(),
-                     round_time=round_time, eval_time=time.perf_counter() - t0 - round_time)
-            print(f"round {h['round']:3d}/{args.rounds} | train loss {h['train_loss']:.4f} | "
-                  f"test acc {h['test_acc']:6.2f}% | {h['round_time'] + h['eval_time']:6.1f} s | "
-                  f"comm {h['comm_time']:5.2f} s", flush=True)
+            h = round_record(model, x_test, y_test, round_, clients, train_loss, table, t0, args)
+            if meter:  # --measure-drift: each client rank's model against the new global one
+                h.update(drift=meter.measure(flat_params, uploads, workers, clients))
             progress.update(history=progress["history"] + [h], wall_time=time.perf_counter() - t_start)
             if args.checkpoint:  # the server's weights are the global model
                 utils.save_checkpoint(args, world_size, model, None, progress)

@@ -1,0 +1,235 @@
+"""Asynchronous and bounded-staleness parameter servers, next to the synchronous one of
+dist_sgd_param_server.py (which stays the default, --mode sync).
+
+    mpirun -n 5 python dist_sgd_param_server.py --mode async                    # Downpour SGD
+    mpirun -n 5 python dist_sgd_param_server.py --mode ssp --staleness 2        # bounded staleness
+    mpirun -n 5 python dist_sgd_param_server.py --mode async --staleness-lr --straggler 2:3
+
+async (Dean et al. 2012, "Large Scale Distributed Deep Networks", Downpour SGD): the server
+takes the workers' gradients in the order they arrive, applies each at once, and sends that
+worker the new weights; no worker waits for another.
+
+ssp (Ho et al. 2013, "More Effective Distributed ML via a Stale Synchronous Parallel
+Parameter Server"): the same, but no gradient is ever applied more than --staleness s server
+versions after the weights it was computed on were read. The server applies a gradient at
+once only if every gradient still being computed stays within s versions of its read; if
+not, it holds the gradient, and with it its worker's reply, until the slower workers'
+gradients are in. Gradients computed on the oldest weights are applied together, as one
+update of their mean (the lr scaled by sqrt(their number), as utils.scaled_lr scales it):
+so s = 0 is the synchronous server (W gradients per update, every tau = 0), and a large s
+is async. The staleness tau of a gradient is the number of server updates between its
+worker's read and its application; every tau goes into the epoch's histogram.
+
+--staleness-lr (Zhang et al. 2016, "Staleness-aware Async-SGD for Distributed Deep
+Learning") divides an update's lr by max(1, tau).
+
+Data and schedule: a step here is one worker's gradient of --batch-size samples. Each epoch
+walks the batches of utils.epoch_order in batches of --batch-size, as cent_sgd.py does with
+that batch; the server hands batch k to whichever worker asks next, in the reply's tag, so
+that a slow worker takes fewer batches and no batch is taken twice (the first W batches go
+one to each worker, unasked). The lr of an update of one gradient is utils.lr_at(gradients
+applied before it, gradients in the run), so that with one worker this is centralized SGD
+with that batch (tests check it); the default peak lr is utils.scaled_lr(--batch-size),
+as each update applies one worker's batch. An epoch ends when all its batches are
+applied: the server then sends every worker the final weights with the tag END, in reply to
+its last gradient; a worker with no batch this epoch (a run cut short by --max-steps) gets
+them too. Every gradient (4P bytes) thus gets exactly one reply of 4P bytes.
+"""
+import math
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import utils
+from extensions import stragglers
+
+SERVER = 0
+GRADIENT = 1  # worker -> server
+END = 32767  # server -> worker: the epoch is over, here are the final weights. Any smaller tag
+# is the index of the worker's next batch; 32767 is the largest tag every MPI must accept.
+
+
+def add_flags(parser):
+    parser.add_argument("--staleness", type=int, default=2,
+                        help="ssp: the most server updates a gradient may lag behind the weights it is applied to")
+    parser.add_argument("--staleness-lr", action="store_true",
+                        help="async, ssp: divide each update's lr by max(1, its staleness) (Zhang et al. 2016)")
+
+
+def check(args):
+    if args.staleness < 0:
+        utils.fail(f"--staleness must be >= 0, got {args.staleness}")
+
+
+# ----- the server -----
+
+class Server:
+    """The server's state during one epoch: the version (updates applied), what each worker
+    read, which workers are computing, the gradients held, and the next batch to hand out."""
+
+    def __init__(self, num_workers, batches, staleness):
+        self.version, self.read = 0, {w: 0 for w in range(1, num_workers + 1)}
+        self.computing = {w for w in self.read if w - 1 < batches}  # the first W batches: one each
+        self.held, self.next_batch, self.batches, self.staleness = [], len(self.computing), batches, staleness
+        self.tau, self.gradients = {}, {w: 0 for w in self.read}
+
+    def lag_after_update(self, applied):
+        """How stale the oldest gradient still pending would be after one more update."""
+        pending = [self.read[w] for w in self.computing | set(self.held) if w not in applied]
+        return self.version + 1 - min(pending, default=self.version + 1)
+
+    def next_update(self):
+        """The workers whose held gradients to apply now, as one update, or [] to wait.
+        One at a time in arrival order while that keeps every pending gradient within the
+        bound; else, once all of them are in, the gradients computed on the oldest weights."""
+        for w in self.held:
+            if self.lag_after_update({w}) <= self.staleness:
+                return [w]
+        oldest = min(self.read[w] for w in self.computing | set(self.held)) if self.held else None
+        group = sorted(w for w in self.held if self.read[w] == oldest)
+        waiting = any(self.read[w] == oldest for w in self.computing)
+        return [] if not group or waiting else group
+
+    def arrived(self, worker):
+        self.computing.remove(worker)
+        self.held.append(worker)
+
+    def applied(self, group):
+        """Record one update made of `group`'s gradients; returns their staleness tau."""
+        tau = self.version - self.read[group[0]]
+        self.version += 1
+        self.tau[tau] = self.tau.get(tau, 0) + len(group)
+        for w in group:
+            self.held.remove(w)
+            self.gradients[w] += 1
+        return tau
+
+    def assign(self, worker):
+        """The next batch for `worker`, which reads the current version; None when none is left."""
+        if self.next_batch == self.batches:
+            return None
+        self.read[worker], self.next_batch = self.version, self.next_batch + 1
+        self.computing.add(worker)
+        return self.next_batch - 1
+
+
+def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, args, comm, traffic, batches):
+    """Server executes: receive gradients as they come, apply them (see Server.next_update),
+    reply to each worker with the new weights and its next batch. Returns (step, update seconds, stats)."""
+    device_ok = utils.mpi_is_cuda_aware(flat_params.device)
+    staleness = args.staleness if args.mode == "ssp" else math.inf
+    state = Server(len(inbox), batches, staleness)
+    requests = [comm.Irecv(inbox[w - 1], source=w, tag=GRADIENT) if w in state.computing else MPI.REQUEST_NULL
+                for w in state.read]
+    update_time, finished = 0.0, [w for w in state.read if w not in state.computing]
+    while state.computing or state.held:
+        group = state.next_update()
+        if not group:  # wait for the next gradient, from whichever worker sends first
+            w = MPI.Request.Waitany(requests) + 1
+            traffic.add({"bytes_sent": 0, "bytes_recv": inbox[w - 1].nbytes})
+            state.arrived(w)
+            continue
+        tau = state.version - state.read[group[0]]
+        # an update of k gradients sits at step / k of total / k steps of a batch k x larger
+        lr = utils.lr_at(step // len(group), total_steps // len(group), args.lr * math.sqrt(len(group)),
+                         args.warmup)
+        t0 = time.perf_counter()
+        flat_grads.copy_(inbox[[w - 1 for w in group]].sum(dim=0)).div_(len(group))
+        utils.set_lr(optimizer, lr / max(1, tau) if args.staleness_lr else lr)
+        optimizer.step()
+        utils.sync(flat_params.device)
+        update_time += time.perf_counter() - t0
+        state.applied(group)
+        step += len(group)
+        for w in group:
+            k = state.assign(w)
+            if k is None:  # nothing left: it waits for the epoch's final weights
+                finished.append(w)
+                continue
+            reply(flat_params, device_ok, w, k, comm, traffic)  # its next batch, and the weights to start from
+            requests[w - 1] = comm.Irecv(inbox[w - 1], source=w, tag=GRADIENT)
+    for w in finished:
+        reply(flat_params, device_ok, w, END, comm, traffic)
+    stats = dict(staleness={str(t): n for t, n in sorted(state.tau.items())},
+                 gradients_per_worker=[state.gradients[w] for w in sorted(state.gradients)])
+    return step, update_time, stats
+
+
+def reply(flat_params, device_ok, worker, tag, comm, traffic):
+    with utils.staged(flat_params, device_ok, write=False) as buf:
+        comm.Send(buf, dest=worker, tag=tag)
+    traffic.add({"bytes_sent": flat_params.numel() * 4, "bytes_recv": 0})
+
+
+# ----- a worker -----
+
+def work_epoch(model, flat_params, flat_grads, train, epoch, batches, args, comm, traffic, straggle):
+    """A worker executes: the gradient of batch k, to the server; the new weights back, and
+    in their tag the next k (or END). Returns (mean loss, seconds communicating)."""
+    x_train, y_train = train
+    device_ok = utils.mpi_is_cuda_aware(x_train.device)
+    order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
+    order, flips = order.to(x_train.device), flips.to(x_train.device)
+    b, status = args.batch_size, MPI.Status()
+    k = comm.Get_rank() - 1 if comm.Get_rank() - 1 < batches else None  # the first W batches: one each
+    loss_sum, n, comm_time = torch.zeros((), device=x_train.device), 0, 0.0
+    while True:
+        if k is not None:
+            idx, flip = order[k * b:(k + 1) * b], flips[k * b:(k + 1) * b]
+            flat_grads.zero_()
+            with straggle():
+                loss_sum, n = loss_sum + utils.train_step(model, x_train[idx], y_train[idx], flip), n + 1
+        t0 = time.perf_counter()
+        if k is not None:
+            with utils.staged(flat_grads, device_ok, write=False) as buf:
+                comm.Send(buf, dest=SERVER, tag=GRADIENT)
+            traffic.add({"bytes_sent": flat_grads.numel() * 4, "bytes_recv": 0})
+        with utils.staged(flat_params, device_ok, read=False) as buf:
+            comm.Recv(buf, source=SERVER, tag=MPI.ANY_TAG, status=status)
+        traffic.add({"bytes_sent": 0, "bytes_recv": status.Get_count(MPI.FLOAT) * 4})
+        comm_time += time.perf_counter() - t0
+        if status.Get_tag() == END:
+            return loss_sum.item() / max(1, n), comm_time
+        k = status.Get_tag()
+
+
+# ----- the hook: what dist_sgd_param_server.py's MODES table calls -----
+
+def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, step, total_steps,
+                args, comm, traffic):
+    """One epoch of --mode async or ssp, with the signature of the script's synchronous
+    train_epoch. Returns (step, this rank's mean loss, its communication time, the server's
+    update time, the epoch's staleness statistics)."""
+    batches = min(len(train[0]) // args.batch_size, total_steps - step)
+    if len(train[0]) // args.batch_size >= END:  # every rank gets here with the same numbers
+        utils.fail(f"{len(train[0]) // args.batch_size} batches per epoch: --mode {args.mode} numbers "
+                   f"them in message tags below {END}; raise --batch-size")
+    if comm.Get_rank() == SERVER:
+        step, update_time, stats = serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps,
+                                               args, comm, traffic, batches)
+        return step, 0.0, 0.0, update_time, stats
+    straggle = stragglers.slowdown(args, comm.Get_rank(), train[0].device)
+    loss, comm_time = work_epoch(model, flat_params, flat_grads, train, epoch, batches, args, comm, traffic,
+                                 straggle)
+    return step + batches, loss, comm_time, 0.0, {}
+
+
+MODES = {"async": train_epoch, "ssp": train_epoch}
+
+
+def staleness_summary(history):
+    """The run's staleness histogram {tau: gradients}, added up over the epochs' histograms."""
+    total = {}
+    for h in history:
+        for tau, n in h.get("staleness", {}).items():
+            total[tau] = total.get(tau, 0) + n
+    return dict(sorted(total.items(), key=lambda item: int(item[0])))
+
+
+def histogram_stats(histogram):
+    """(mean, max) tau of a {tau: count} histogram."""
+    taus = np.array([int(t) for t in histogram], dtype=float)
+    counts = np.array(list(histogram.values()), dtype=float)
+    return float((taus * counts).sum() / counts.sum()), int(taus.max())

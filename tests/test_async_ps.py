@@ -1,0 +1,231 @@
+"""dist_sgd_param_server.py --mode async and ssp (extensions/async_ps.py), and --straggler in
+both distributed scripts (extensions/stragglers.py): the references they must equal, the
+staleness bound, the bytes, faults, and that the default flags compute the same bits as before.
+
+    python -m pytest -q tests/test_async_ps.py            # the default tier
+    python -m pytest -q -m slow tests/test_async_ps.py    # stragglers, and bench/async_ps.py --tiny
+"""
+import functools
+import json
+import math
+import os
+import re
+import subprocess
+import time
+
+import pytest
+import torch
+
+from extensions import async_ps
+from mpi import ROOT, check, mpirun, python
+
+BATCH, LR = 16, 0.05
+COMMON = ["--dataset", "synthetic", "--batch-size", BATCH]
+ATOL = 1e-5  # float32 noise of summing the same samples' gradients in another order (measured: 3e-8)
+# the last commit before --mode and --straggler: the default flags must still compute its bits
+BEFORE = "2809cad"
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory):
+    """run(script, ranks, *flags) -> (final parameters, results) of one run; cached."""
+    folder = tmp_path_factory.mktemp("async")
+
+    @functools.cache
+    def run(script, ranks, *flags, env=None):
+        name = re.sub(r"[^\w.-]", "_", f"{os.path.basename(script)}-{ranks}-{'-'.join(map(str, flags))}")
+        model, results = folder / f"{name}.pt", folder / f"{name}.json"
+        args = [script, *COMMON, *flags, "--save-model", model, "--results", results]
+        env = dict(env) if env else None
+        check(mpirun(ranks, *args, timeout=120, env=env) if ranks else python(*args, timeout=120, env=env))
+        with open(results) as f:
+            return torch.load(model), json.load(f)
+    return run
+
+
+def server(train, workers, *flags):
+    return train("dist_sgd_param_server.py", workers + 1, *flags)
+
+
+def staleness(results):
+    """{tau: gradients} over the whole run."""
+    total = {}
+    for h in results["history"]:
+        for tau, n in h["staleness"].items():
+            total[int(tau)] = total.get(int(tau), 0) + n
+    return total
+
+
+def gradients_per_worker(results):
+    return [sum(g) for g in zip(*(h["gradients_per_worker"] for h in results["history"]))]
+
+
+# ----------------------------------------------------------------------------- the schedule, simulated
+
+def simulate(speeds, staleness, batches):
+    """Drive async_ps.Server as serve_epoch does, with worker w taking speeds[w - 1] seconds per
+    gradient and no MPI; return (the size of every update, the server's final state)."""
+    state, clock, done_at, sizes = async_ps.Server(len(speeds), batches, staleness), 0.0, {}, []
+    done_at.update({w: speeds[w - 1] for w in state.computing})
+    while state.computing or state.held:
+        group = state.next_update()
+        if not group:  # the next gradient to arrive
+            w = min(state.computing, key=done_at.get)
+            clock = done_at[w]
+            state.arrived(w)
+            continue
+        state.applied(group)
+        sizes.append(len(group))
+        for w in group:
+            if state.assign(w) is not None:
+                done_at[w] = clock + speeds[w - 1]
+    assert state.next_batch == batches and sum(state.gradients.values()) == batches
+    return sizes, state
+
+
+@pytest.mark.parametrize("speeds", [(1.0, 1.0), (1.0, 5.0), (1.0, 1.3, 3.0, 1.1), (2.0, 1.0, 1.0, 7.0, 1.5)])
+def test_the_schedule_bounds_staleness_and_never_deadlocks(speeds):
+    for s in (0, 1, 2, 3, 10):
+        sizes, state = simulate(speeds, s, batches=60)
+        assert max(map(int, state.tau)) <= s, (s, state.tau)
+        if s == 0:  # the synchronous server: W gradients of the same weights per update
+            assert sizes == [len(speeds)] * (60 // len(speeds)), sizes
+    sizes, state = simulate(speeds, math.inf, batches=60)  # async: each gradient on its own, at once
+    assert sizes == [1] * 60
+    if max(speeds) >= 5 * min(speeds):
+        assert max(map(int, state.tau)) > 2, state.tau
+
+
+# ----------------------------------------------------------------------------- references
+
+def test_async_with_one_worker_is_centralized_sgd(train):
+    """One worker: each gradient is applied before the next is computed, on the batches and
+    at the lr of cent_sgd.py with that batch (Nesterov momentum on, on the server)."""
+    async_, results = server(train, 1, "--mode", "async", "--lr", LR, "--max-steps", 6)
+    central, _ = train("cent_sgd.py", None, "--lr", LR, "--max-steps", 6)
+    assert results["steps"] == 6 and staleness(results) == {0: 6}
+    assert torch.allclose(async_, central, rtol=0, atol=ATOL), (async_ - central).abs().max()
+
+
+def test_ssp_with_staleness_0_is_the_synchronous_server(train):
+    """s = 0: the server waits for all W gradients of the same weights and applies their mean
+    as one update, at lr x sqrt(W): the synchronous server, with every tau = 0 and, step for
+    step, the same bytes. (Each worker's batch is a contiguous slice of the order instead of a
+    strided share, so the sums differ in float32 rounding only.)"""
+    workers = 2
+    ssp, results = server(train, workers, "--mode", "ssp", "--staleness", 0, "--lr", LR / math.sqrt(workers),
+                          "--max-steps", 6 * workers)
+    sync, sync_results = server(train, workers, "--lr", LR, "--max-steps", 6)
+    assert staleness(results) == {0: 6 * workers} and gradients_per_worker(results) == [6] * workers
+    assert torch.allclose(ssp, sync, rtol=0, atol=ATOL), (ssp - sync).abs().max()
+    assert results["bytes_per_rank"] == sync_results["bytes_per_rank"]
+
+
+def check_bytes(results):
+    """Every gradient (4P bytes) gets exactly one reply of 4P bytes, the epoch's last one
+    carrying the final weights: worker w moves 4P g_w each way, the server 4P G, G = sum g_w."""
+    p, g, steps = results["params"], gradients_per_worker(results), results["steps"]
+    assert sum(g) == steps and sum(staleness(results).values()) == steps
+    server_bytes, *worker_bytes = results["bytes_per_rank"]
+    assert server_bytes == {"bytes_sent": 4 * p * steps, "bytes_recv": 4 * p * steps}
+    assert worker_bytes == [{"bytes_sent": 4 * p * n, "bytes_recv": 4 * p * n} for n in g]
+
+
+def test_async_bytes_match_the_cost_model(train):
+    """(ssp: with s = 0 above, with a straggler below)"""
+    _, results = server(train, 2, "--mode", "async", "--lr", LR, "--max-steps", 12)
+    assert results["steps"] == 12
+    check_bytes(results)
+
+
+def test_whole_epochs_take_every_batch_once(train):
+    """Without --max-steps an epoch applies every full batch of --batch-size once, in any
+    split between the workers; 2 epochs of 160 samples: 20 gradients."""
+    _, results = server(train, 2, "--mode", "async", "--lr", LR, "--train-size", 160, "--epochs", 2)
+    assert results["steps"] == 20 and [h["steps"] for h in results["history"]] == [10, 20]
+    assert all(sum(h["gradients_per_worker"]) == 10 for h in results["history"])
+
+
+# ----------------------------------------------------------------------------- default flags
+
+@pytest.mark.parametrize("script, ranks", [("dist_sgd_param_server.py", 3), ("dist_sgd_serverless.py", 2)])
+def test_default_flags_compute_the_bits_of_before(train, script, ranks, tmp_path):
+    """The scripts as they were before --mode and --straggler (commit BEFORE), run on the same
+    flags, end with the same bits as today's with default flags."""
+    old = tmp_path / script
+    try:
+        old.write_text(subprocess.run(["git", "show", f"{BEFORE}:{script}"], cwd=ROOT, capture_output=True,
+                                      text=True, check=True).stdout)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"no git history with commit {BEFORE}")
+    flags = ("--lr", LR, "--max-steps", 3)
+    now, _ = train(script, ranks, *flags)
+    before, _ = train(str(old), ranks, *flags, env=(("PYTHONPATH", ROOT),))
+    assert torch.equal(now, before)
+
+
+# ----------------------------------------------------------------------------- stragglers
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, ranks", [("dist_sgd_param_server.py", 3), ("dist_sgd_serverless.py", 2)])
+def test_a_straggler_changes_the_time_not_the_bits(train, script, ranks):
+    flags = ("--lr", LR, "--max-steps", 3)
+    slowed, results = train(script, ranks, *flags, "--straggler", "1:3", "--straggler-wait", "busy")
+    plain, _ = train(script, ranks, *flags)
+    assert torch.equal(slowed, plain) and results["config"]["straggler"] == [1, 3.0]
+
+
+@pytest.mark.slow
+def test_ssp_bounds_the_staleness_of_a_5x_straggler_and_async_does_not(train):
+    """Worker 1 computes 5 times slower. Under ssp s = 2 no gradient is applied more than 2
+    updates after its read; under async the fast worker's updates pile up past 2."""
+    flags = ("--lr", LR, "--max-steps", 24, "--straggler", "1:5")
+    _, ssp = server(train, 2, "--mode", "ssp", "--staleness", 2, *flags)
+    _, async_ = server(train, 2, "--mode", "async", *flags)
+    assert max(staleness(ssp)) <= 2, staleness(ssp)
+    assert max(staleness(async_)) > 2, staleness(async_)
+    for results in (ssp, async_):
+        slow, fast = gradients_per_worker(results)
+        assert slow < fast, (slow, fast)
+        check_bytes(results)
+
+
+# ----------------------------------------------------------------------------- faults, bad input
+
+# (mode, failing rank, call, utils function, kind), as in tests/test_reliability.py's FAULTS
+FAULTS = [("async", 1, 3, "train_step", "kill"), ("ssp", 0, 4, "staged", "raise")]
+
+
+@pytest.mark.parametrize("mode, rank, call, function, kind", FAULTS)
+def test_a_fault_on_any_rank_ends_the_job_within_10_s(mode, rank, call, function, kind, tmp_path):
+    proc = mpirun(3, "tests/inject_failure.py", rank, call, function, "dist_sgd_param_server.py", *COMMON,
+                  "--mode", mode, "--results", tmp_path / "r.json", timeout=60, env={"INJECT": kind})
+    ended = time.time()
+    assert proc.returncode != 0
+    fault = f"injected fault in utils.{function}, call {call}, rank {rank} at "
+    assert proc.stderr.count(fault) == 1, proc.stderr
+    at = float(re.search(re.escape(fault) + r"([\d.]+)", proc.stderr).group(1))
+    assert ended - at < 10, f"the job took {ended - at:.1f} s to end after the fault"
+
+
+@pytest.mark.parametrize("script, ranks, args, message", [
+    ("dist_sgd_param_server.py", 2, ["--mode", "ssp", "--staleness", -1], "--staleness must be >= 0"),
+    ("dist_sgd_param_server.py", 2, ["--straggler", "0:3"], "rank 0 is the server"),
+    ("dist_sgd_serverless.py", 1, ["--straggler", "1:0.5"], "FACTOR >= 1"),
+])
+def test_bad_input_gets_one_line(script, ranks, args, message, tmp_path):
+    proc = mpirun(ranks, script, *args, "--results", tmp_path / "r.json", timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+@pytest.mark.slow
+def test_bench_tiny(tmp_path):
+    check(python("bench/async_ps.py", "--tiny", "--out", tmp_path, timeout=600))
+    record = json.loads((tmp_path / "async.json").read_text())
+    assert {r["mode"] for r in record["runs"]} == {"sync", "ssp2", "async-lr", "serverless"}
+    assert {r["straggler"] for r in record["runs"]} == {"none", "sleep3"}
+    assert (tmp_path / "ASYNC.md").exists() and (tmp_path / "async.png").exists()

@@ -1,0 +1,226 @@
+"""FedAvg variants (extensions/fed_algorithms.py) and the drift measurement (extensions/drift.py).
+
+    pytest -q tests/test_fed_algorithms.py            # default tier
+    pytest -q -m slow tests/test_fed_algorithms.py    # + resume after a crash, the sweep's smoke test
+
+FedProx with mu 0 and FedAvgM with momentum 0 and server lr 1 must give FedAvg's bits;
+SCAFFOLD with one plain SGD step per round must give FedSGD (its corrections then cancel in the
+weighted average); every algorithm's bytes must match its formula; resume must be exact.
+"""
+import json
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fed_avg
+import utils
+from extensions import drift, fed_algorithms
+from mpi import ROOT, check, mpirun
+from test_fed_avg import TOL, data_parallel_reference, synthetic_train
+
+# 5 unequal Dirichlet clients on 2 client ranks, 3 per round, Nesterov momentum 0.9
+SKEWED = ["--split-method", "non-iid", "--alpha", 0.5, "--num-clients", 5, "--client-fraction", 0.6,
+          "--rounds", 2, "--max-steps", 2, "--momentum", 0.9]
+
+
+def run(tmp_path, name, *args, ranks=3):
+    """mpirun fed_avg.py on the synthetic set; return (results dict, final weights, results path)."""
+    folder = tmp_path / name
+    check(mpirun(ranks, "fed_avg.py", "--dataset", "synthetic", "--warmup", 0, "--batch-size", 16,
+                 "--results", folder / "r.json", "--save-model", folder / "model.pt", "--figures-dir", folder,
+                 *args, timeout=180))
+    return json.loads((folder / "r.json").read_text()), torch.load(folder / "model.pt"), folder / "r.json"
+
+
+def expected_bytes(result, down, up):
+    """bytes_per_rank when each round the server sends `down` floats to each client rank of the
+    round and receives `up` floats from each."""
+    P, host = result["params"], result["client_ranks"]
+    sent = [0] * result["world_size"]
+    recv = [0] * result["world_size"]
+    for h in result["history"]:
+        for rank in {host[k] for k in h["clients"]}:
+            sent[0], recv[0] = sent[0] + 4 * down(P), recv[0] + 4 * up(P)
+            sent[rank], recv[rank] = sent[rank] + 4 * up(P), recv[rank] + 4 * down(P)
+    return [{"bytes_sent": s, "bytes_recv": r} for s, r in zip(sent, recv)]
+
+
+FEDAVG_BYTES = (lambda P: P, lambda P: P + 1)
+SCAFFOLD_BYTES = (lambda P: 2 * P, lambda P: 2 * P + 1)
+
+
+# ----------------------------------------------------------------------------- in one process
+
+def args_for(algorithm, **flags):
+    args = SimpleNamespace(**dict(dict(algorithm=algorithm, prox_mu=None, server_momentum=None, server_lr=None,
+                                       checkpoint=None), **flags))
+    assert fed_algorithms.check_args(args) is None
+    return args
+
+
+@pytest.mark.parametrize("algorithm, flags, message", [
+    ("fedavg", dict(prox_mu=0.1), "--prox-mu applies to --algorithm fedprox, not fedavg"),
+    ("scaffold", dict(server_momentum=0.5), "--server-momentum applies to --algorithm fedavgm"),
+    ("fedprox", dict(prox_mu=-1), "--prox-mu must be >= 0"),
+    ("fedavgm", dict(server_momentum=1.0), "--server-momentum must be in"),
+    ("fedavgm", dict(server_lr=0.0), "--server-lr must be > 0"),
+])
+def test_flags_an_algorithm_ignores_or_cannot_use_are_refused(algorithm, flags, message):
+    args = SimpleNamespace(**dict(dict(algorithm=algorithm, prox_mu=None, server_momentum=None, server_lr=None), **flags))
+    assert message in fed_algorithms.check_args(args)
+
+
+def test_defaults_are_filled_in_for_the_chosen_algorithm_only():
+    assert vars(args_for("fedavgm"))["server_momentum"] == 0.9 and args_for("fedavgm").prox_mu is None
+    assert args_for("fedprox").prox_mu == 0.01 and args_for("scaffold").server_lr == 1.0
+
+
+def test_fedavgm_is_server_momentum_on_the_averaged_update():
+    torch.manual_seed(0)
+    w = torch.randn(1000)
+    averages = [w + 0.01 * torch.randn(1000) for _ in range(3)]
+    plain = fed_algorithms.FedAvgM(args_for("fedavgm", server_momentum=0.0, server_lr=1.0), w.clone(), None, [1])
+    beta = fed_algorithms.FedAvgM(args_for("fedavgm", server_momentum=0.5, server_lr=0.7), w.clone(), None, [1])
+    old, v = w.clone(), torch.zeros(1000)
+    for avg in averages:
+        plain.server_update_(plain.params, avg)
+        assert torch.equal(plain.params, avg)  # bit for bit, though old - (old - avg) would round
+        v = 0.5 * v + (old - avg)  # the recurrence as Hsu et al. write it
+        old = old - 0.7 * v
+        beta.server_update_(beta.params, avg)
+        assert (beta.params - old).abs().max() < 1e-5 and not torch.equal(beta.params, avg)
+
+
+def test_scaffold_server_keeps_c_the_weighted_mean_of_the_client_controls():
+    torch.manual_seed(0)
+    sizes = [10, 30, 60]
+    server = fed_algorithms.Scaffold(args_for("scaffold"), torch.zeros(50), None, sizes)
+    controls = torch.zeros(3, 50)
+    for clients in ([0, 1, 2], [1, 2], [0]):  # partial participation
+        new = controls.clone()
+        new[clients] = torch.randn(len(clients), 50)
+        server.delta_sum.copy_(sum(sizes[k] * (new[k] - controls[k]) for k in clients))
+        server.server_update_(server.params, torch.ones(50))
+        controls = new
+        mean = sum(n * c for n, c in zip(sizes, controls)) / sum(sizes)
+        assert (server.control - mean).abs().max() < 1e-6
+    assert torch.equal(server.params, torch.ones(50))  # server lr 1: the FedAvg average
+
+
+# ----------------------------------------------------------------------------- end to end
+
+NEUTRAL = {"fedavg": [], "fedprox": ["--algorithm", "fedprox", "--prox-mu", 0, "--measure-drift"],
+           "fedavgm": ["--algorithm", "fedavgm", "--server-momentum", 0, "--server-lr", 1]}
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory):
+    """skewed[name]: FedAvg, FedProx with mu 0 (measuring drift), FedAvgM with momentum 0 and
+    server lr 1, each run once, when a test first asks for it."""
+    tmp = tmp_path_factory.mktemp("skewed")
+
+    class Runs(dict):
+        def __missing__(self, name):
+            self[name] = run(tmp, name, *SKEWED, *NEUTRAL[name])
+            return self[name]
+    return Runs()
+
+
+# FedAvgM's server step with momentum 0 and server lr 1 is checked bit for bit above, in one
+# process; its end-to-end run goes in the slow tier, to keep the default one short.
+@pytest.mark.parametrize("name", ["fedprox", pytest.param("fedavgm", marks=pytest.mark.slow)])
+def test_neutral_settings_give_fedavg_bit_for_bit(skewed, name):
+    """With them the hooks run but change nothing; so does --measure-drift (on the FedProx run)."""
+    result, got, _ = skewed[name]
+    assert result["config"]["algorithm"] == name
+    assert torch.equal(got, skewed["fedavg"][1])
+    assert result["history"] and [h["test_acc"] for h in result["history"]] == \
+        [h["test_acc"] for h in skewed["fedavg"][0]["history"]]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", pytest.param("fedavgm", marks=pytest.mark.slow)])
+def test_weights_only_algorithms_move_fedavgs_bytes(skewed, name):
+    result, _, _ = skewed[name]
+    assert result["bytes_per_rank"] == expected_bytes(result, *FEDAVG_BYTES)
+
+
+def test_drift_is_recorded_each_round(skewed, tmp_path):
+    result, _, path = skewed["fedprox"]
+    classes = len(utils.CLASSES)
+    for h in result["history"]:
+        d = h["drift"]
+        hosted = sorted({result["client_ranks"][k] for k in h["clients"]})
+        assert d["ranks"] == hosted and sorted(sum(d["clients"], [])) == h["clients"]
+        assert all(0 < x < 1 for x in d["distance"]), d["distance"]
+        assert all(len(a) == classes for a in d["class_acc"]) and len(d["global_class_acc"]) == classes
+        assert all(0 <= a <= 100 for a in d["acc_own"])
+        # the global model's per-class accuracy averages to its test accuracy (classes weighted by size)
+        _, y_test = utils.make_synthetic(seed=1234)[1]
+        sizes = torch.bincount(y_test, minlength=classes).double()
+        assert abs((torch.tensor(d["global_class_acc"]).double() * sizes).sum() / sizes.sum() - h["test_acc"]) < 0.01
+    assert "drift" not in skewed["fedavg"][0]["history"][0]
+    figure = drift.plot([path, path], str(tmp_path / "client_drift.png"))
+    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scaffold_with_one_plain_step_is_fedsgd(tmp_path):
+    """4 equal iid clients, all in every round, one step of plain SGD: round 1 starts with all
+    control variates zero; later rounds correct client k's step by c - c_k, whose n_k-weighted
+    mean is zero, so the average is still the data-parallel SGD step. The checkpoint shows the
+    control variates are not zero after all, and that c is the weighted mean of the c_k."""
+    result, got, _ = run(tmp_path, "scaffold", "--algorithm", "scaffold", "--num-clients", 4, "--rounds", 3,
+                      "--max-steps", 1, "--momentum", 0, "--checkpoint", tmp_path / "ckpt.pt")
+    _, y = synthetic_train()
+    shards = fed_avg.split_indices(y, 4, "iid", seed=0)
+    assert (got - data_parallel_reference(shards, 3, steps_per_round=1)).abs().max() < TOL
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["progress"]["algorithm"]
+    c, c_k = state["control"], state["client_controls"]
+    assert c_k.shape == (4, result["params"]) and (c_k.abs().amax(1) > 1e-3).all()
+    assert (c - c_k.mean(0)).abs().max() < 1e-5  # equal shards: the weighted mean is the mean
+    assert result["bytes_per_rank"] == expected_bytes(result, *SCAFFOLD_BYTES)
+
+
+# ----------------------------------------------------------------------------- resume
+
+RESUMABLE = ["--dataset", "synthetic", "--train-size", 1000, "--batch-size", 25, "--num-clients", 4,
+             "--client-fraction", 0.75, "--rounds", 2, "--max-steps", 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", [["--algorithm", "scaffold"], ["--algorithm", "fedavgm", "--server-momentum", 0.5]])
+def test_resume_after_a_crash_is_exact_with_the_algorithms_state(algorithm, tmp_path):
+    """As test_reliability: rank 0 dies in its 2nd evaluation, after round 1's checkpoint. The
+    resumed run must end on the uninterrupted run's bits, which needs FedAvgM's momentum, or
+    SCAFFOLD's c and every client's c_k (clients rerun in round 2: 3 of 4 per round)."""
+    def launch(name, *extra, script=("fed_avg.py",), **kwargs):
+        folder = tmp_path / name
+        return mpirun(3, *script, *RESUMABLE, *algorithm, "--results", folder / "r.json", "--figures-dir", folder,
+                      "--checkpoint", folder / "ckpt.pt", *extra, timeout=180, **kwargs)
+    check(launch("reference", "--save-model", tmp_path / "reference.pt"))
+    crashed = launch("crash", script=("tests/inject_failure.py", 0, 2, "evaluate", "fed_avg.py"))
+    assert crashed.returncode != 0 and "injected fault" in crashed.stderr
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "crash" / "ckpt.pt").rename(tmp_path / "resume" / "ckpt.pt")
+    resumed = check(launch("resume", "--resume", "--save-model", tmp_path / "resumed.pt"))
+    assert re.search(r"^resumed from .*: round 1\b", resumed.stdout, re.M), resumed.stdout
+    assert torch.equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "reference.pt"))
+
+
+@pytest.mark.slow
+def test_sweep_tiny_writes_records_table_and_figures(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/fed_sweep.py", "--tiny", "--out", tmp_path], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = (tmp_path / "sweep.md").read_text()
+    for name in ("FedAvg", "FedProx, mu 0.001", "FedAvgM, momentum 0.3", "SCAFFOLD", "(SCAFFOLD's bytes)"):
+        assert name in table, table
+    assert table.count("\n| non-iid |") == 5, table
+    for png in ("fed_sweep_non-iid.png", "client_drift.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    # at the same bytes: the 2x-rounds FedAvg moved what SCAFFOLD moved
+    rec = lambda name: json.loads((tmp_path / f"non-iid_{name}.json").read_text())["bytes_per_rank"]
+    assert rec("fedavg_2x")[0]["bytes_sent"] == rec("scaffold")[0]["bytes_sent"]
