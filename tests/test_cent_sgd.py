@@ -10,7 +10,9 @@ from mpi import check, python
 
 def test_learns_on_synthetic_data(tmp_path):
     results = tmp_path / "cent.json"
-    proc = check(python("cent_sgd.py", "--dataset", "synthetic", "--epochs", 2,
+    # lr 0.03: at the default 0.05 this model (no BatchNorm) diverges on the synthetic set for
+    # some data orders (seed 0 among them), and this test is about learning, not about that luck
+    proc = check(python("cent_sgd.py", "--dataset", "synthetic", "--epochs", 2, "--lr", 0.03,
                         "--results", results, "--save-model", tmp_path / "model.pt"))
     lines = proc.stdout.splitlines()
     assert len([line for line in lines if line.startswith("epoch ")]) == 2
