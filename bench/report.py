@@ -391,7 +391,10 @@ def readme_fragments(R):
     F["results-bullets"] = "\n".join(bullets)
 
     data = "CIFAR-10" if run["dataset"].startswith("CIFAR-10") else "synthetic data"
-    F["bench-wall"] = f"{run['wall_s'] / 60:.1f} min on {machine_of_run(run)}, on {data}"
+    F["bench-wall"] = f"{run['wall_s'] / 60:.1f} min on {machine_of_run(run)}, on {data}" + (
+        ", in its `--tiny` mode: a smoke test of a few steps, so the numbers below show the tables' "
+        "shape, not this machine's performance (the full bench has yet to be rerun at this code)"
+        if run["tiny"] else "")
     targets = bench_targets(b)
     by = {what: v for what, v, _, _ in targets}
     ns = sorted(b["ddp"])
