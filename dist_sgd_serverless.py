@@ -5,6 +5,8 @@
     mpirun -n 4 python dist_sgd_serverless.py --dataset synthetic
     mpirun -n 4 python dist_sgd_serverless.py --compress powersgd   # fewer bytes: fp16, topk, powersgd
     mpirun -n 4 python dist_sgd_serverless.py --checkpoint ckpt.pt --resume   # rerun after a crash
+    mpirun --with-ft ulfm --mca pml ob1 --mca btl tcp,self -n 4 python dist_sgd_serverless.py --elastic
+                                                         # go on without a rank that dies
     (as root or in Colab, add: --allow-run-as-root --oversubscribe)
 
 Every rank holds a full replica of the model. Each step, rank r of N computes gradients on
@@ -14,6 +16,7 @@ so the replicas stay identical. Without BatchNorm this is exactly centralized SG
 batch N x --batch-size (tests check it). The default lr is cent_sgd.py's, scaled by the
 square root of the batch growth (utils.scaled_lr).
 """
+import itertools
 import math
 import time
 
@@ -23,6 +26,7 @@ from mpi4py import MPI
 
 import utils
 from extensions import compression
+from extensions import elastic
 from extensions import stragglers
 
 
@@ -145,11 +149,11 @@ COMPRESS = {"none": lambda model, args: average_gradients_, **compression.METHOD
 
 # ----- training -----
 
-def train_epoch(model, optimizer, flat_grads, train, epoch, step, total_steps, args, comm, traffic,
-                average_=average_gradients_):
-    """One pass over the training set. Each step: the gradient of this rank's strided share
-    of a global batch of N x --batch-size, the all-reduce (by `average_`, from COMPRESS), and
-    the same SGD step on every rank.
+def train_epoch(model, optimizer, flat_grads, train, epoch, total_steps, global_batch, args, traffic, *,
+                step, comm, average_=average_gradients_):
+    """The rest of an epoch from global step `step` (its start, unless --elastic redoes one).
+    Each step: the gradient of this rank's strided share of the global batch (N x --batch-size),
+    the all-reduce (by `average_`, from COMPRESS), and the same SGD step on every rank.
     Returns (step, mean loss, seconds this rank spent inside the all-reduce at each step)."""
     rank, world_size = comm.Get_rank(), comm.Get_size()
     x_train, y_train = train
@@ -159,7 +163,9 @@ def train_epoch(model, optimizer, flat_grads, train, epoch, step, total_steps, a
     order, flips = order.to(x_train.device), flips.to(x_train.device)
     straggle = stragglers.slowdown(args, rank, x_train.device)  # --straggler: a no-op unless this rank is slowed
     loss_sum, in_call = torch.zeros((), device=x_train.device), []
-    for idx, flip in utils.batches(order, flips, world_size * args.batch_size, rank, world_size):
+    shares = utils.batches(order, flips, global_batch, rank, world_size)
+    done_this_epoch = step - epoch * (len(x_train) // global_batch)
+    for idx, flip in itertools.islice(shares, done_this_epoch, None):
         if step == total_steps:
             break
         utils.set_lr(optimizer, utils.lr_at(step, total_steps, args.lr, args.warmup))
@@ -197,6 +203,13 @@ def evaluate(model, test, comm):
     return loss / len(x_test), 100 * correct / len(x_test)
 
 
+def check_replicas(flat_params, comm):
+    """The replicas must still be identical; any drift would mean a broken all-reduce."""
+    checksums = comm.gather(float(flat_params.double().sum()), root=0)
+    if comm.Get_rank() == 0 and len(set(checksums)) != 1:
+        utils.fail(f"the replicas diverged: parameter sums {checksums}", code=1)
+
+
 def parse_args(world_size):
     parser = utils.get_parser("dist_sgd_serverless", __doc__.splitlines()[0], epochs=8,
                               batch_size=utils.BASE_BATCH, lr=None,
@@ -210,9 +223,11 @@ def parse_args(world_size):
     parser.add_argument("--powersgd-rank", type=utils.positive(int), default=2,
                         help="powersgd: the rank of each gradient matrix's approximation")
     stragglers.add_flags(parser)
+    elastic.add_flags(parser)
     args = parser.parse_args()
     utils.check_args(args)
     stragglers.check(args, world_size)
+    elastic.check(args)
     if args.topk_ratio > 1:
         utils.fail(f"--topk-ratio must be in (0, 1], got {args.topk_ratio}")
     args.lr = args.lr or utils.scaled_lr(world_size * args.batch_size)
@@ -249,18 +264,21 @@ def main():
     traffic = utils.Traffic(*progress["traffic"][rank])
     broadcast_parameters_(flat_params, comm)
 
-    # train
+    # train; with --elastic the survivors of a lost rank redo its step without it (extensions/elastic.py)
+    comm, train_epoch_, failures = (elastic.survive(comm, train_epoch, model, optimizer, flat_params, global_batch)
+                                    if args.elastic else (comm, train_epoch, None))
     t_start = time.perf_counter() - progress["wall_time"]
     for epoch in range(progress["epoch"], args.epochs):
         if progress["step"] == total_steps:
             break
         t0 = time.perf_counter()
-        step, train_loss, in_call = train_epoch(model, optimizer, flat_grads, train, epoch,
-                                                progress["step"], total_steps, args, comm, traffic, average_)
+        step, train_loss, in_call = train_epoch_(model, optimizer, flat_grads, train, epoch, total_steps, global_batch,
+                                                 args, traffic, step=progress["step"], comm=comm, average_=average_)
+        is_root = comm.Get_rank() == 0  # --elastic: rank 0 of the survivors
         utils.sync(device)
         train_time = time.perf_counter() - t0
         comm_time, wait_time = split_comm_and_wait(in_call, comm)
-        train_loss = comm.allreduce(train_loss) / world_size
+        train_loss = comm.allreduce(train_loss) / comm.Get_size()
         test_loss, test_acc = evaluate(model, test, comm)
         h = dict(epoch=epoch + 1, steps=step, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
                  train_time=train_time, comm_time=comm_time, wait_time=wait_time,
@@ -276,14 +294,12 @@ def main():
         if args.checkpoint and is_root:  # the replicas are identical: rank 0's state is everyone's
             utils.save_checkpoint(args, world_size, model, optimizer, progress)
 
-    # report: the replicas must still be identical; any drift would mean a broken all-reduce
-    checksums = comm.gather(float(flat_params.double().sum()), root=0)
+    # report
+    check_replicas(flat_params, comm)
     counted = args.allreduce != "mpi"  # null in the JSON: the library chose its own algorithm
     per_rank_bytes = comm.gather({"bytes_sent": traffic.sent if counted else None,
                                   "bytes_recv": traffic.received if counted else None}, root=0)
     if is_root:
-        if len(set(checksums)) != 1:
-            utils.fail(f"the replicas diverged: parameter sums {checksums}", code=1)
         history = progress["history"]
         print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
         train_time = sum(h["train_time"] for h in history)
@@ -294,7 +310,8 @@ def main():
             final_test_acc=history[-1]["test_acc"], history=history, bytes_per_rank=per_rank_bytes,
             comm_fraction=sum(h["comm_time"] for h in history) / train_time,
             wait_fraction=sum(h["wait_time"] for h in history) / train_time,
-            compression=compression.record(average_, flat_grads, per_rank_bytes, progress["step"])))
+            compression=compression.record(average_, flat_grads, per_rank_bytes, progress["step"]),
+            **({"failures": failures} if args.elastic else {})))
         if args.save_model:
             utils.save_model(args.save_model, model)
 

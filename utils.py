@@ -616,9 +616,11 @@ def hardware():
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# Flags that name files or pick hardware: a run may resume with other values of these, but
-# any other flag changes what is computed (even --epochs: it stretches the lr schedule).
-NOT_CONFIG = ("results", "save_model", "checkpoint", "resume", "data_dir", "device", "figures_dir", "script")
+# Flags that name files, pick hardware or say what a failure does: a run may resume with other
+# values of these, but any other flag changes what is computed (even --epochs: it stretches
+# the lr schedule).
+NOT_CONFIG = ("results", "save_model", "checkpoint", "resume", "data_dir", "device", "figures_dir", "script",
+              "elastic")
 CHECKPOINT_FORMAT = "ee599-hw5-checkpoint-2"  # a tag, so that any other file is refused by name
 
 

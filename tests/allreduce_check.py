@@ -1,10 +1,11 @@
 """Check the hand-written all-reduces against MPI_Allreduce and their cost formulas.
 
-    mpirun -n 4 python -m mpi4py tests/allreduce_check.py
+    mpirun -n 5 python -m mpi4py tests/allreduce_check.py
 
-Loops over buffer sizes that stress the chunking (1, N-1, N, N+1, ~3000) in one launch.
-Every rank prints its failures; rank 0 prints "allreduce OK ..." when there are none.
-Exits non-zero on any failure.
+Checks every group size N = 1..5 in one launch (the first N ranks, split off COMM_WORLD,
+for each N in turn), and for each N the buffer sizes that stress the chunking (1, N-1, N,
+N+1, ~3000). Every rank prints its failures; rank 0 prints "allreduce OK: N=..." for each N
+without any. Exits non-zero on any failure.
 """
 import os
 import sys
@@ -33,11 +34,9 @@ def expected_tree(rank, n, p, itemsize):
     return 2 * rounds, edges * p * itemsize, edges * p * itemsize
 
 
-def main():
-    comm = MPI.COMM_WORLD
-    rank, world_size = comm.Get_rank(), comm.Get_size()
-    is_root = rank == 0
-    n = world_size
+def check(comm):
+    """The failures of the ring and tree all-reduces on communicator `comm`."""
+    rank, n = comm.Get_rank(), comm.Get_size()
 
     sizes = sorted({1, n - 1, n, n + 1, 3001} - {0})
     expected = {"ring": expected_ring, "tree": expected_tree}
@@ -70,11 +69,22 @@ def main():
                 failures.append(f"{name} P={p}: {total_sent} B sent != {total_recv} B received")
 
     for f in failures:
-        print(f"rank {rank}: FAIL {f}")
+        print(f"rank {rank}: FAIL N={n} {f}")
     n_failed = comm.allreduce(len(failures))
-    if is_root and n_failed == 0:
-        print(f"allreduce OK: N={n} sizes={sizes} algorithms={sorted(expected)}")
-    sys.exit(1 if n_failed else 0)
+    if rank == 0 and n_failed == 0:
+        print(f"allreduce OK: N={n} sizes={sizes} algorithms={sorted(expected)}", flush=True)
+    return n_failed
+
+
+def main():
+    world = MPI.COMM_WORLD
+    n_failed = 0
+    for n in range(1, world.Get_size() + 1):
+        group = world.Split(0 if world.Get_rank() < n else MPI.UNDEFINED)
+        if group != MPI.COMM_NULL:
+            n_failed += check(group)
+            group.Free()
+    sys.exit(1 if world.allreduce(n_failed) else 0)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
     mpirun -n 4 python tests/inject_failure.py RANK CALL FUNCTION SCRIPT [ARGS...]
 
 makes utils.FUNCTION fail on its CALL-th call (1-based) on rank RANK, then runs SCRIPT as
-__main__ with ARGS. The product code is not changed. The fault is a RuntimeError, or with
-INJECT=kill in the environment a SIGKILL of the rank itself (an out-of-memory kill, a crash),
-or with INJECT=perturb a silent one: the call's first argument, a model, has its weights
-nudged on that rank before the call goes on (a bit flip, a broken collective).
+__main__ with ARGS (SCRIPT may be this file again, for a second fault). The product code is
+not changed. The fault is a RuntimeError, or with INJECT=kill in the environment a SIGKILL of
+the rank itself (an out-of-memory kill, a crash), with INJECT=exit an os._exit(1) (a process
+that quits without a word to MPI), or with INJECT=perturb a silent one: the call's first
+argument, a model, has its weights nudged on that rank before the call goes on (a bit flip,
+a broken collective).
 Either way the wrapper first prints "injected fault ... at T" to stderr, T being time.time(),
 so that a test can measure how long the job took to end after it.
 """
@@ -40,9 +42,15 @@ def faulty(*args, **kwargs):
         if os.environ.get("INJECT") == "kill":
             print(message, file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("INJECT") == "exit":
+            print(message, file=sys.stderr, flush=True)
+            os._exit(1)
         raise RuntimeError(message)
     return original(*args, **kwargs)
 
 
 setattr(utils, name, faulty)
-runpy.run_path(script, run_name="__main__")
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:  # for tests/mpi.py's in_process, which runs this inside the test's process
+    setattr(utils, name, original)

@@ -2,8 +2,9 @@
 both distributed scripts (extensions/stragglers.py): the references they must equal, the
 staleness bound, the bytes, faults, and that the default flags compute the same bits as before.
 
-    python -m pytest -q tests/test_async_ps.py            # the default tier
-    python -m pytest -q -m slow tests/test_async_ps.py    # stragglers, and bench/async_ps.py --tiny
+    python -m pytest -q tests/test_async_ps.py            # the default tier: in one process
+    python -m pytest -q -m slow tests/test_async_ps.py    # under mpirun: the references, bytes, whole epochs,
+                                                          # the bits of before, stragglers, faults, the bench
 """
 import functools
 import json
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from extensions import async_ps
-from mpi import ROOT, check, mpirun, python
+from mpi import ROOT, check, in_process, mpirun, python
 
 BATCH, LR = 16, 0.05
 COMMON = ["--dataset", "synthetic", "--batch-size", BATCH]
@@ -98,6 +99,7 @@ def test_the_schedule_bounds_staleness_and_never_deadlocks(speeds):
 
 # ----------------------------------------------------------------------------- references
 
+@pytest.mark.slow
 def test_async_with_one_worker_is_centralized_sgd(train):
     """One worker: each gradient is applied before the next is computed, on the batches and
     at the lr of cent_sgd.py with that batch (Nesterov momentum on, on the server)."""
@@ -107,6 +109,7 @@ def test_async_with_one_worker_is_centralized_sgd(train):
     assert torch.allclose(async_, central, rtol=0, atol=ATOL), (async_ - central).abs().max()
 
 
+@pytest.mark.slow
 def test_ssp_with_staleness_0_is_the_synchronous_server(train):
     """s = 0: the server waits for all W gradients of the same weights and applies their mean
     as one update, at lr x sqrt(W): the synchronous server, with every tau = 0 and, step for
@@ -131,6 +134,7 @@ def check_bytes(results):
     assert worker_bytes == [{"bytes_sent": 4 * p * n, "bytes_recv": 4 * p * n} for n in g]
 
 
+@pytest.mark.slow
 def test_async_bytes_match_the_cost_model(train):
     """(ssp: with s = 0 above, with a straggler below)"""
     _, results = server(train, 2, "--mode", "async", "--lr", LR, "--max-steps", 12)
@@ -138,6 +142,7 @@ def test_async_bytes_match_the_cost_model(train):
     check_bytes(results)
 
 
+@pytest.mark.slow
 def test_whole_epochs_take_every_batch_once(train):
     """Without --max-steps an epoch applies every full batch of --batch-size once, in any
     split between the workers; 2 epochs of 160 samples: 20 gradients."""
@@ -148,6 +153,7 @@ def test_whole_epochs_take_every_batch_once(train):
 
 # ----------------------------------------------------------------------------- default flags
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, ranks", [("dist_sgd_param_server.py", 3), ("dist_sgd_serverless.py", 2)])
 def test_default_flags_compute_the_bits_of_before(train, script, ranks, tmp_path):
     """The scripts as they were before --mode and --straggler (commit BEFORE), run on the same
@@ -196,6 +202,7 @@ def test_ssp_bounds_the_staleness_of_a_5x_straggler_and_async_does_not(train):
 FAULTS = [("async", 1, 3, "train_step", "kill"), ("ssp", 0, 4, "staged", "raise")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, rank, call, function, kind", FAULTS)
 def test_a_fault_on_any_rank_ends_the_job_within_10_s(mode, rank, call, function, kind, tmp_path):
     proc = mpirun(3, "tests/inject_failure.py", rank, call, function, "dist_sgd_param_server.py", *COMMON,
@@ -209,12 +216,14 @@ def test_a_fault_on_any_rank_ends_the_job_within_10_s(mode, rank, call, function
 
 
 @pytest.mark.parametrize("script, ranks, args, message", [
-    ("dist_sgd_param_server.py", 2, ["--mode", "ssp", "--staleness", -1], "--staleness must be >= 0"),
-    ("dist_sgd_param_server.py", 2, ["--straggler", "0:3"], "rank 0 is the server"),
-    ("dist_sgd_serverless.py", 1, ["--straggler", "1:0.5"], "FACTOR >= 1"),
+    pytest.param("dist_sgd_param_server.py", 2, ["--mode", "ssp", "--staleness", -1], "--staleness must be >= 0",
+                 marks=pytest.mark.slow),
+    pytest.param("dist_sgd_param_server.py", 2, ["--straggler", "0:3"], "rank 0 is the server", marks=pytest.mark.slow),
+    ("dist_sgd_serverless.py", None, ["--straggler", "1:0.5"], "FACTOR >= 1"),
 ])
 def test_bad_input_gets_one_line(script, ranks, args, message, tmp_path):
-    proc = mpirun(ranks, script, *args, "--results", tmp_path / "r.json", timeout=60)
+    args = [script, *args, "--results", tmp_path / "r.json"]
+    proc = mpirun(ranks, *args, timeout=60) if ranks else in_process(*args)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr

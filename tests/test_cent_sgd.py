@@ -1,18 +1,22 @@
-"""cent_sgd.py end to end on synthetic data, and its refusals of bad input."""
+"""cent_sgd.py end to end on synthetic data, and its refusals of bad input.
+
+cent_sgd.py uses no MPI, so these run it inside the test's process (tests/mpi.py's
+in_process), which saves a process start each; tests/test_reliability.py runs it alone too.
+"""
 import json
 import re
 
 import pytest
 import torch
 
-from mpi import check, python
+from mpi import check, in_process
 
 
 def test_learns_on_synthetic_data(tmp_path):
     results = tmp_path / "cent.json"
     # lr 0.03: at the default 0.05 this model (no BatchNorm) diverges on the synthetic set for
     # some data orders (seed 0 among them), and this test is about learning, not about that luck
-    proc = check(python("cent_sgd.py", "--dataset", "synthetic", "--epochs", 2, "--lr", 0.03,
+    proc = check(in_process("cent_sgd.py", "--dataset", "synthetic", "--train-size", 2000, "--epochs", 2, "--lr", 0.03,
                         "--results", results, "--save-model", tmp_path / "model.pt"))
     lines = proc.stdout.splitlines()
     assert len([line for line in lines if line.startswith("epoch ")]) == 2
@@ -27,7 +31,7 @@ def test_learns_on_synthetic_data(tmp_path):
 
 
 def test_max_steps_stops_early(tmp_path):
-    proc = check(python("cent_sgd.py", "--dataset", "synthetic", "--max-steps", 3,
+    proc = check(in_process("cent_sgd.py", "--dataset", "synthetic", "--max-steps", 3,
                         "--results", tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text())["steps"] == 3
     assert proc.stdout.count("\nepoch ") == 1
@@ -43,7 +47,7 @@ def test_max_steps_stops_early(tmp_path):
     (["--dataset", "synthetic", "--batch-size", "100000"], "larger than"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, message):
-    proc = python("cent_sgd.py", *args, timeout=60)
+    proc = in_process("cent_sgd.py", *args)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
@@ -52,13 +56,13 @@ def test_bad_input_is_one_line_and_nonzero(args, message):
 
 def test_missing_data_offline_fails_cleanly(tmp_path):
     # No CIFAR-10 folder and a download that cannot succeed (no such host): one clear line.
-    proc = python("cent_sgd.py", "--data-dir", tmp_path, timeout=120,
-                  env={"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    proc = in_process("cent_sgd.py", "--data-dir", tmp_path,
+                      env={"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--dataset synthetic" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_refused():
-    proc = python("cent_sgd.py", "--dataset", "synthetic", "--device", "cuda", timeout=60)
+    proc = in_process("cent_sgd.py", "--dataset", "synthetic", "--device", "cuda")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no CUDA device" in proc.stderr

@@ -4,11 +4,11 @@
 
 In process, on one rank: error feedback loses nothing, and PowerSGD's algebra (it recovers a
 gradient of rank r exactly, and at full rank it is the uncompressed mean). Under mpirun, with
-N = 2, 3, 4 (tests/compression_check.py): replicas bitwise identical, bytes equal to each
-method's formula, means right. And the script: --compress none is bit-identical to the
-default, and PowerSGD at full rank trains like no compression and reports its bytes. Slow tier
-(pytest -q -m slow tests/test_compression.py): every method's bytes in the script's results
-JSON, and bench/compression.py --tiny.
+N = 3 (tests/compression_check.py): replicas bitwise identical, bytes equal to each method's
+formula, means right. Slow tier (pytest -q -m slow tests/test_compression.py): the same checks
+at N = 2 and 4; the script: --compress none is bit-identical to the default, PowerSGD at full
+rank trains like no compression, every method's bytes in the results JSON; and
+bench/compression.py --tiny.
 """
 import json
 from types import SimpleNamespace
@@ -18,7 +18,7 @@ import torch
 
 import utils
 from extensions.compression import METHODS, record
-from mpi import check, mpirun, python
+from mpi import check, in_process, mpirun, python
 
 QUICK = ["--dataset", "synthetic", "--train-size", "512", "--max-steps", "3", "--batch-size", "16"]
 
@@ -135,7 +135,7 @@ def test_record_gives_the_ratio_against_none():
     assert fp16 == {"payload_bytes_per_step": 2 * p, "ratio_vs_none": 2.0, "bytes_sent_per_step": [2.0 * p] * 2}
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_methods_on_n_ranks_keep_replicas_identical_and_bytes_exact(n):
     proc = check(mpirun(n, "-m", "mpi4py", "tests/compression_check.py", timeout=180))
     assert f"compression OK: N={n}" in proc.stdout, proc.stdout
@@ -149,6 +149,7 @@ def default_run(tmp_path_factory):
     return torch.load(folder / "m.pt"), json.loads((folder / "r.json").read_text())
 
 
+@pytest.mark.slow
 def test_none_is_bit_identical_to_the_default(default_run, tmp_path):
     check(mpirun(2, "dist_sgd_serverless.py", *QUICK, "--compress", "none",
                  "--save-model", tmp_path / "m.pt", "--results", tmp_path / "r.json"))
@@ -157,6 +158,7 @@ def test_none_is_bit_identical_to_the_default(default_run, tmp_path):
     assert compression["ratio_vs_none"] == 1.0 and compression["bytes_sent_per_step"] == [None, None]
 
 
+@pytest.mark.slow
 def test_powersgd_at_full_rank_trains_like_no_compression(default_run, tmp_path):
     # over the ring, whose bytes are counted: the script fails if the replicas end up different
     proc = check(mpirun(2, "dist_sgd_serverless.py", *QUICK, "--compress", "powersgd", "--powersgd-rank", 1000,
@@ -189,7 +191,7 @@ def test_script_reports_bytes_per_step_and_ratio(method, extra, min_ratio, tmp_p
 
 
 def test_bad_topk_ratio_is_refused():
-    proc = python("dist_sgd_serverless.py", "--topk-ratio", "1.5", "--dataset", "synthetic")
+    proc = in_process("dist_sgd_serverless.py", "--topk-ratio", "1.5", "--dataset", "synthetic")
     assert proc.returncode == 2 and "--topk-ratio must be in (0, 1]" in proc.stderr
 
 

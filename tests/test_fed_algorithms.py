@@ -1,7 +1,8 @@
 """FedAvg variants (extensions/fed_algorithms.py) and the drift measurement (extensions/drift.py).
 
-    pytest -q tests/test_fed_algorithms.py            # default tier
-    pytest -q -m slow tests/test_fed_algorithms.py    # + resume after a crash, the sweep's smoke test
+    pytest -q tests/test_fed_algorithms.py            # default tier: in one process
+    pytest -q -m slow tests/test_fed_algorithms.py    # under mpirun: neutral settings, bytes, drift,
+                                                      # SCAFFOLD = FedSGD, resume, the sweep
 
 FedProx with mu 0 and FedAvgM with momentum 0 and server lr 1 must give FedAvg's bits;
 SCAFFOLD with one plain SGD step per round must give FedSGD (its corrections then cancel in the
@@ -132,7 +133,8 @@ def skewed(tmp_path_factory):
 
 # FedAvgM's server step with momentum 0 and server lr 1 is checked bit for bit above, in one
 # process; its end-to-end run goes in the slow tier, to keep the default one short.
-@pytest.mark.parametrize("name", ["fedprox", pytest.param("fedavgm", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fedprox", "fedavgm"])
 def test_neutral_settings_give_fedavg_bit_for_bit(skewed, name):
     """With them the hooks run but change nothing; so does --measure-drift (on the FedProx run)."""
     result, got, _ = skewed[name]
@@ -142,12 +144,14 @@ def test_neutral_settings_give_fedavg_bit_for_bit(skewed, name):
         [h["test_acc"] for h in skewed["fedavg"][0]["history"]]
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", pytest.param("fedavgm", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm"])
 def test_weights_only_algorithms_move_fedavgs_bytes(skewed, name):
     result, _, _ = skewed[name]
     assert result["bytes_per_rank"] == expected_bytes(result, *FEDAVG_BYTES)
 
 
+@pytest.mark.slow
 def test_drift_is_recorded_each_round(skewed, tmp_path):
     result, _, path = skewed["fedprox"]
     classes = len(utils.CLASSES)
@@ -167,6 +171,7 @@ def test_drift_is_recorded_each_round(skewed, tmp_path):
     assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_scaffold_with_one_plain_step_is_fedsgd(tmp_path):
     """4 equal iid clients, all in every round, one step of plain SGD: round 1 starts with all
     control variates zero; later rounds correct client k's step by c - c_k, whose n_k-weighted

@@ -109,6 +109,7 @@ def test_dry_run_uses_only_flags_the_scripts_accept(tmp_path, usage, script):
     assert all(re.search(rf"{flag}\b", usage[script]) for flag in flags), (flags, usage[script])
 
 
+@pytest.mark.slow
 def test_staging_timer_on_the_cpu_times_the_allreduce_alone(tmp_path):
     out = tmp_path / "staging.json"
     check(mpirun(2, "-m", "mpi4py", "bench/gpu_staging.py", "--device", "cpu", "--repeats", 2, "--out", out,

@@ -59,3 +59,13 @@ def test_extensions_folder_exists_and_imports_nothing_from_the_scripts():
             text = open(os.path.join(folder, name)).read()
             for script in SCRIPTS:
                 assert f"import {script[:-3]}" not in text, f"extensions/{name} imports {script}"
+
+
+@pytest.mark.parametrize("path", [*SCRIPTS, "utils.py"])
+def test_no_check_is_an_assert_that_python_O_would_strip(path):
+    """The replica checks and every refusal must run under `python -O` too; test_reliability.py
+    runs one under -O, and this covers the rest."""
+    with open(os.path.join(ROOT, path)) as f:
+        tree = ast.parse(f.read())
+    asserts = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+    assert not asserts, f"{path}: assert on lines {asserts}"

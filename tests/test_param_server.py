@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import utils
-from mpi import check, mpirun, python
+from mpi import check, in_process, mpirun
 
 STEPS = 6
 COMMON = ["--dataset", "synthetic", "--lr", 0.05, "--max-steps", STEPS]
@@ -33,11 +33,11 @@ def train(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs")
 
     @functools.cache
-    def run(script, ranks, *flags):  # ranks=None: plain python, no mpirun
+    def run(script, ranks, *flags):  # ranks=None: in this process, no mpirun
         name = f"{script}-{ranks}-{'-'.join(map(str, flags))}"
         model, results = folder / f"{name}.pt", folder / f"{name}.json"
         args = [script, *COMMON, *flags, "--save-model", model, "--results", results]
-        check(mpirun(ranks, *args, timeout=60) if ranks else python(*args, timeout=60))
+        check(mpirun(ranks, *args, timeout=60) if ranks else in_process(*args))
         with open(results) as f:
             return torch.load(model), json.load(f)
     return run
@@ -62,6 +62,7 @@ def test_param_server_equals_serverless_and_centralized(train):
     assert torch.allclose(server, central, rtol=0, atol=ATOL), (server - central).abs().max()
 
 
+@pytest.mark.slow
 def test_tcp_gives_the_same_bits_as_shared_memory(train, tmp_path):
     """With Open MPI's shared-memory transport off (--mca btl tcp,self), the ranks talk over
     loopback TCP as they would across machines. The server adds the workers' gradients in
