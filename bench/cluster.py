@@ -50,6 +50,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun") or "mpirun"
 LOCK = os.path.join(tempfile.gettempdir(), "hw5-cluster.lock")  # serialises picking a subnet
+LAUNCHER_FLAKE = "The PMIx server's listener thread failed to start"
 
 
 def sh(*cmd, check=True):
@@ -236,6 +237,15 @@ class Cluster:
 
         Returns the CompletedProcess; a timeout (or Ctrl-C) kills the whole launch and raises.
         """
+        for _ in range(2):
+            proc = self._launch(slots, n, program, timeout, capture)
+            # Open MPI's launcher now and then fails before starting anything (a known PMIx
+            # flake): that launch ran nothing, so it is run once more
+            if not (capture and proc.returncode and LAUNCHER_FLAKE in proc.stderr and not proc.stdout):
+                break
+        return proc
+
+    def _launch(self, slots, n, program, timeout, capture):
         cmd = self.mpirun_args(slots, n) + [sys.executable, *map(str, program)]
         env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable),
                                                      os.path.dirname(MPIRUN), os.environ.get("PATH", "")]))

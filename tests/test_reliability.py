@@ -89,7 +89,7 @@ def test_resume_after_a_crash_is_exact(script, run, tmp_path):
     unit = "round" if script == "fed_avg.py" else "epoch"
     args = [script, *QUICK, *flags, *outputs(script, tmp_path), "--checkpoint", tmp_path / "ckpt.pt"]
     crashed = launch(ranks, "tests/inject_failure.py", 0, 2, "evaluate", *args, timeout=90)
-    assert_ended_quickly(crashed, "evaluate", 2, 0, "raise")  # a fault on rank 0, in a collective's place
+    assert_ended_quickly(crashed, "evaluate", 2, 0, "raise")  # rank 0 fails while the others wait for it
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert saved["progress"][unit] == 1 and len(saved["progress"]["history"]) == 1
 
