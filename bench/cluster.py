@@ -218,11 +218,12 @@ class Cluster:
         os.chmod(agent, os.stat(agent).st_mode | stat.S_IXUSR)
         return agent
 
-    def mpirun_args(self, slots=1, n=None):
-        """The mpirun command, up to the program: every rank on its own host first (map by node)."""
+    def mpirun_args(self, slots=1, n=None, ft=False):
+        """The mpirun command, up to the program: every rank on its own host first (map by node).
+        `ft`: with MPI's fault tolerance (ULFM), which --elastic needs."""
         s = self.state
         n = n or s["hosts"] * slots
-        return [MPIRUN, "--allow-run-as-root", "--oversubscribe",
+        return [MPIRUN, "--allow-run-as-root", "--oversubscribe", *["--with-ft", "ulfm"] * ft,
                 "--host", ",".join(f"{a}:{slots}" for a in s["addrs"]), "--map-by", "node",
                 "--mca", "plm_rsh_agent", s["agent"],
                 "--mca", "pml", "ob1", "--mca", "btl", "tcp,self",
@@ -232,21 +233,21 @@ class Cluster:
                 "-x", "PATH", "-x", "PYTHONUNBUFFERED=1", "-x", "OMP_NUM_THREADS=1",
                 "-n", str(n)]
 
-    def mpirun(self, *program, slots=1, n=None, timeout=None, capture=True):
+    def mpirun(self, *program, slots=1, n=None, timeout=None, capture=True, ft=False):
         """Run `mpirun ... python *program` across the hosts, from the repo root, under this Python.
 
         Returns the CompletedProcess; a timeout (or Ctrl-C) kills the whole launch and raises.
         """
         for _ in range(2):
-            proc = self._launch(slots, n, program, timeout, capture)
+            proc = self._launch(slots, n, ft, program, timeout, capture)
             # Open MPI's launcher now and then fails before starting anything (a known PMIx
             # flake): that launch ran nothing, so it is run once more
             if not (capture and proc.returncode and LAUNCHER_FLAKE in proc.stderr and not proc.stdout):
                 break
         return proc
 
-    def _launch(self, slots, n, program, timeout, capture):
-        cmd = self.mpirun_args(slots, n) + [sys.executable, *map(str, program)]
+    def _launch(self, slots, n, ft, program, timeout, capture):
+        cmd = self.mpirun_args(slots, n, ft) + [sys.executable, *map(str, program)]
         env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable),
                                                      os.path.dirname(MPIRUN), os.environ.get("PATH", "")]))
         env.pop("OMPI_MCA_btl", None)  # the command line says tcp,self

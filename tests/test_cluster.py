@@ -14,6 +14,7 @@ import functools
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -129,6 +130,34 @@ def test_cli_tears_down_on_sigterm():
     assert subnet.rsplit(".", 1)[0] + "." not in addrs  # the bridge and its address are gone
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in netns
+
+
+def test_a_whole_lost_host_ends_an_elastic_run(tmp_path):
+    """--elastic survives lost ranks, not a lost host: killing every process in one host's
+    namespace kills Open MPI's daemon there too, and its runtime ends the whole job (measured
+    with Open MPI 5.0.11, whose mpirun then exits 0). The README says so; if a later Open MPI
+    goes on without the host, this test fails, and the README should change with it."""
+    skip_without_cluster()
+    checkpoint = tmp_path / "ckpt.pt"  # written after epoch 1: the moment to kill host 3
+
+    def kill_host_3(ns):
+        for _ in range(600):
+            if checkpoint.exists():
+                pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+                subprocess.run(["kill", "-9", *pids])
+                return
+            time.sleep(0.1)
+
+    with cl.Cluster(3) as c:
+        killer = threading.Thread(target=kill_host_3, args=(c.state["ns"][2],))
+        killer.start()
+        proc = c.mpirun("dist_sgd_serverless.py", "--dataset", "synthetic", "--lr", 0.03, "--epochs", 3,
+                        "--elastic", "--checkpoint", checkpoint, "--results", tmp_path / "r.json",
+                        ft=True, timeout=180)
+        killer.join()
+    assert checkpoint.exists() and "epoch   1/3" in proc.stdout, proc.stdout + proc.stderr
+    assert "Final test accuracy" not in proc.stdout and "lost at step" not in proc.stdout, proc.stdout
+    assert "A daemon failed to report back" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 def test_network_bench_tiny(tmp_path):
