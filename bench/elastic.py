@@ -27,6 +27,10 @@ import sys
 import sysconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import utils  # noqa: E402
+
 MPIRUN = shutil.which("mpirun", path=sysconfig.get_path("scripts")) or shutil.which("mpirun") or "mpirun"
 ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self"]
 RUNS = {"default": ([], []), "elastic": (ULFM, ["--elastic"]), "killed": (ULFM, ["--elastic"])}
@@ -132,9 +136,7 @@ def main():
     if not args.render_only:
         os.makedirs(args.out, exist_ok=True)
         record = measure(args, args.out)
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(path + ".tmp", path)
+        utils.write_atomically(path, lambda f: json.dump(record, f, indent=1))
     with open(path) as f:
         record = json.load(f)
     record["source"] = os.path.relpath(path, ROOT) if path.startswith(ROOT) else "elastic.json"

@@ -109,7 +109,7 @@ def survive(comm, train_epoch, model, optimizer, flat_params, global_batch):
             lost = survivors.shrink()
             step = agree_on_state(survivors, done["step"], model, optimizer, flat_params)
             failures.append(dict(ranks=lost, step=step, world_size=survivors.Get_size(),
-                                 recovery_time=time.perf_counter() - t0, recovered_at=time.time()))
+                                 recovery_time=time.perf_counter() - t0))
             utils.print0(f"rank {', '.join(map(str, lost))} lost at step {step}: continuing on "
                          f"{survivors.Get_size()} ranks ({failures[-1]['recovery_time']:.1f} s)")
     return survivors, train_epoch_, failures

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import traceback
 
+from bench.cluster import LAUNCHER_FLAKE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,11 +40,6 @@ def python(*args, timeout=120, env=None):
 TEST_ENV = {"PYTHONUNBUFFERED": "1", "OMPI_MCA_btl": os.environ.get("OMPI_MCA_btl", "^ofi")}
 
 
-# Open MPI's launcher now and then fails to start before any rank runs (a known PMIx flake,
-# seen in other projects' CI too); such a launch is retried once, as nothing has run yet.
-LAUNCHER_FLAKE = "The PMIx server's listener thread failed to start"
-
-
 def run(cmd, timeout, env, retry=True):
     """Run cmd in its own process group, so that a timeout kills the ranks too, not just
     mpirun: otherwise the ranks keep the output pipes open and the test waits for them."""
@@ -55,6 +52,8 @@ def run(cmd, timeout, env, retry=True):
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         raise AssertionError(f"`{' '.join(cmd)}` did not finish in {timeout} s:\n{stdout}\n{stderr}") from None
+    # Open MPI's launcher now and then fails before any rank runs (a known PMIx flake, seen in
+    # other projects' CI too): that launch ran nothing, so it is run once more
     if retry and proc.returncode != 0 and LAUNCHER_FLAKE in stderr and not stdout:
         return run(cmd, timeout, env, retry=False)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
