@@ -18,10 +18,12 @@ Per step, each worker sends and receives P float32 (4P bytes each way) and the s
 receives and sends W x 4P bytes: all traffic goes through the server's link.
 
 Beyond the assignment: --mode async (Downpour SGD) and --mode ssp (bounded staleness), in
-extensions/async_ps.py, and --straggler RANK:FACTOR, a worker slowed on purpose for
-experiments, in extensions/stragglers.py. The default, --mode sync, is the server above.
+extensions/async_ps.py; --straggler RANK:FACTOR, a worker slowed on purpose for
+experiments, in extensions/stragglers.py; and --elastic, which goes on without a worker that
+dies (extensions/elastic.py). The default, --mode sync, is the server above.
 """
 import contextlib
+import itertools
 import math
 import time
 
@@ -30,7 +32,7 @@ import torch
 from mpi4py import MPI
 
 import utils
-from extensions import async_ps, stragglers
+from extensions import async_ps, elastic, stragglers
 
 SERVER = 0
 GRADIENTS, PARAMETERS = 1, 2  # message tags, so a reader sees which is which
@@ -74,14 +76,20 @@ def send_parameters_(buf, comm):
 
 # ----- the two roles -----
 
-def server_step(optimizer, flat_params, flat_grads, inbox, lr, comm, traffic, device_ok):
+def average_gradients_(flat_grads, inbox):
+    """The mean of the W gradients in the server's inbox: the global batch's mean gradient, as
+    every worker's share has the same size. (--elastic weighs unequal shares instead.)"""
+    flat_grads.copy_(inbox.sum(dim=0)).div_(len(inbox))
+
+
+def server_step(optimizer, flat_params, flat_grads, inbox, lr, comm, traffic, device_ok, average_):
     """The server's step: wait for all W gradients, average them, take the SGD step (the
     server alone holds the momentum), and send the new weights to every worker.
     Returns the seconds spent on the update itself."""
     with utils.staged(inbox) as buf:  # (W, P): on the host unless MPI reads GPU memory
         traffic.add(gather_gradients_(buf, comm))
     t0 = time.perf_counter()
-    flat_grads.copy_(inbox.sum(dim=0)).div_(len(inbox))
+    average_(flat_grads, inbox)
     utils.set_lr(optimizer, lr)
     optimizer.step()
     utils.sync(flat_params.device)
@@ -107,27 +115,30 @@ def worker_step(model, flat_params, flat_grads, x, y, flip, comm, traffic, devic
     return loss, time.perf_counter() - t0
 
 
-def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, step, total_steps,
-                args, comm, traffic):
-    """One pass over the training set, in global batches of W x --batch-size: the server
-    runs server_step and each worker worker_step on its strided share, in lockstep.
-    Returns (step, this rank's mean loss, its communication time, the server's update time,
-    {} (what other modes add to the epoch's record))."""
+def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, total_steps, global_batch,
+                args, traffic, *, step, comm, average_=average_gradients_):
+    """The rest of an epoch from global step `step` (its start, unless --elastic redoes one), in
+    global batches of W x --batch-size: the server runs server_step and each worker worker_step
+    on its strided share, in lockstep. Returns (step, this rank's mean loss, its communication
+    time, the server's update time, {} (what other modes add to the epoch's record))."""
     rank, num_workers = comm.Get_rank(), comm.Get_size() - 1
+    inbox = inbox[:num_workers] if rank == SERVER else None  # --elastic: fewer workers, fewer rows
     x_train, y_train = train
     device_ok = utils.mpi_is_cuda_aware(x_train.device)
     straggle = stragglers.slowdown(args, rank, x_train.device)
     order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
     order, flips = order.to(x_train.device), flips.to(x_train.device)
     # The server walks the same batches only to count the steps; it never reads them.
-    shares = utils.batches(order, flips, num_workers * args.batch_size, max(rank - 1, 0), num_workers)
+    shares = utils.batches(order, flips, global_batch, max(rank - 1, 0), num_workers)
+    done_this_epoch = step - epoch * (len(x_train) // global_batch)
     loss_sum, n_steps, comm_time, update_time = torch.zeros((), device=x_train.device), 0, 0.0, 0.0
-    for idx, flip in shares:
+    for idx, flip in itertools.islice(shares, done_this_epoch, None):
         if step == total_steps:
             break
         if rank == SERVER:
             lr = utils.lr_at(step, total_steps, args.lr, args.warmup)
-            update_time += server_step(optimizer, flat_params, flat_grads, inbox, lr, comm, traffic, device_ok)
+            update_time += server_step(optimizer, flat_params, flat_grads, inbox, lr, comm, traffic, device_ok,
+                                       average_)
         else:
             loss, seconds = worker_step(model, flat_params, flat_grads, x_train[idx], y_train[idx], flip,
                                         comm, traffic, device_ok, straggle)
@@ -138,6 +149,13 @@ def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, 
 
 # --mode: the assignment's synchronous epoch, or async / ssp from extensions/async_ps.py
 MODES = {"sync": train_epoch, **async_ps.MODES}
+
+
+def check_replicas(flat_params, comm):
+    """Every worker must hold the server's final weights: the last send reached them all."""
+    checksums = comm.gather(float(flat_params.double().sum()), root=SERVER)
+    if comm.Get_rank() == SERVER and len(set(checksums)) != 1:
+        utils.fail(f"the workers' weights differ from the server's: parameter sums {checksums}", code=1)
 
 
 # ----- training -----
@@ -151,6 +169,7 @@ def parse_args(world_size):
                              "comes; ssp: as async, with staleness at most --staleness (extensions/async_ps.py)")
     async_ps.add_flags(parser)
     stragglers.add_flags(parser)
+    elastic.add_flags(parser)
     args = parser.parse_args()
     utils.check_args(args)
     if world_size < 2:
@@ -158,6 +177,7 @@ def parse_args(world_size):
                    "(rank 0 is the server, ranks 1..N-1 the workers)")
     async_ps.check(args)
     stragglers.check(args, world_size, first=1)
+    elastic.check(args)
     # sync: one step applies W x --batch-size samples; async, ssp: one worker's --batch-size
     args.lr = args.lr or utils.scaled_lr((world_size - 1 if args.mode == "sync" else 1) * args.batch_size)
     return args
@@ -178,8 +198,7 @@ def main():
     train, (x_test, y_test) = utils.load_data(args, device, comm)
     total_steps = utils.count_steps(len(train[0]), global_batch if args.mode == "sync" else args.batch_size, args)
 
-    # model: parameters and gradients live in two flat buffers, so one call moves them all.
-    # Only the server has an optimizer and an inbox, one row per worker.
+    # model: two flat buffers, so one call moves them all; the server alone has an optimizer and an inbox
     model = utils.make_model(device, args.seed)
     flat_params, flat_grads = utils.flatten_parameters(model)
     optimizer = utils.make_optimizer(model.parameters(), args) if is_root else None
@@ -197,20 +216,22 @@ def main():
     with utils.staged(flat_params) as buf:
         comm.Bcast(buf, root=SERVER)
 
-    # train
+    # train; with --elastic the survivors of a lost worker redo its step without it (extensions/elastic.py)
+    comm, train_epoch_, failures = (elastic.survive_server(comm, train_epoch, flat_params, global_batch)
+                                    if args.elastic else (comm, MODES[args.mode], None))
     t_start = time.perf_counter() - progress["wall_time"]
     for epoch in range(progress["epoch"], args.epochs):
         if progress["step"] == total_steps:
             break
         t0 = time.perf_counter()
-        step, train_loss, comm_time, update_time, extra = MODES[args.mode](
-            model, optimizer, flat_params, flat_grads, inbox, train, epoch, progress["step"], total_steps,
-            args, comm, traffic)
+        step, train_loss, comm_time, update_time, extra = train_epoch_(
+            model, optimizer, flat_params, flat_grads, inbox, train, epoch, total_steps, global_batch,
+            args, traffic, step=progress["step"], comm=comm)
         utils.sync(device)
         train_time = time.perf_counter() - t0
-        # The server evaluates on the whole test set; the workers add up their training
-        # losses and communication times (the server adds zeros: it trains on nothing).
+        # The server evaluates; the workers add up their losses and comm times (the server adds zeros)
         test_loss, correct = utils.evaluate(model, x_test, y_test) if is_root else (0.0, 0)
+        num_workers = comm.Get_size() - 1  # --elastic: the workers still here
         train_loss, comm_time = comm.allreduce(np.array([train_loss, comm_time])) / num_workers  # small
         h = dict(epoch=epoch + 1, steps=step, train_loss=train_loss, test_loss=test_loss / len(x_test),
                  test_acc=100 * correct / len(x_test), train_time=train_time, comm_time=comm_time,
@@ -226,12 +247,10 @@ def main():
         if args.checkpoint and is_root:  # the workers hold nothing the server does not
             utils.save_checkpoint(args, world_size, model, optimizer, progress)
 
-    # report: every worker must hold the server's final weights; the last send reached them all
-    checksums = comm.gather(float(flat_params.double().sum()), root=SERVER)
+    # report
+    check_replicas(flat_params, comm)
     per_rank_bytes = comm.gather({"bytes_sent": traffic.sent, "bytes_recv": traffic.received}, root=SERVER)
     if is_root:
-        if len(set(checksums)) != 1:
-            utils.fail(f"the workers' weights differ from the server's: parameter sums {checksums}", code=1)
         history = progress["history"]
         print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
         utils.save_results(args.results, dict(
@@ -240,7 +259,8 @@ def main():
             params=utils.num_params(model), steps=progress["step"], wall_time=time.perf_counter() - t_start,
             final_test_acc=history[-1]["test_acc"], history=history,
             bytes_per_rank=per_rank_bytes,  # index 0 is the server; the setup Bcast is not counted
-            comm_fraction=sum(h["comm_time"] for h in history) / sum(h["train_time"] for h in history)))
+            comm_fraction=sum(h["comm_time"] for h in history) / sum(h["train_time"] for h in history),
+            **({"failures": failures} if args.elastic else {})))
         if args.save_model:
             utils.save_model(args.save_model, model)
 

@@ -2,7 +2,7 @@
 
     mpirun --allow-run-as-root --oversubscribe -n 4 python -m mpi4py bench/allreduce.py
 
-For each float32 buffer size (powers of 4 from --min-bytes to --max-bytes) every
+For each float32 buffer size (--min-bytes times powers of --factor, up to --max-bytes) every
 algorithm runs a few warmup calls, then --repeats timed calls, each after a Barrier.
 A call's time is the slowest rank's; the table shows the median over repeats.
 The physical reference `copy`: every rank copies the buffer with np.copyto in the same
@@ -48,13 +48,14 @@ def main():
     # sizes and repeats
     parser.add_argument("--min-bytes", type=int, default=1 << 10, help="smallest buffer")
     parser.add_argument("--max-bytes", type=int, default=16 << 20, help="largest buffer")
+    parser.add_argument("--factor", type=int, default=4, help="each buffer is this many times the last")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per point")
     # output
     parser.add_argument("--results-dir", default="results", help="where the JSON goes")
     parser.add_argument("--figures-dir", default="figures", help="where the PNG goes")
     args = parser.parse_args()
-    if not 4 <= args.min_bytes <= args.max_bytes or args.repeats < 1:
-        parser.error("need 4 <= --min-bytes <= --max-bytes and --repeats >= 1")
+    if not 4 <= args.min_bytes <= args.max_bytes or args.repeats < 1 or args.factor < 2:
+        parser.error("need 4 <= --min-bytes <= --max-bytes, --repeats >= 1 and --factor >= 2")
 
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
@@ -64,7 +65,7 @@ def main():
     nbytes = args.min_bytes
     while nbytes <= args.max_bytes:
         sizes.append(nbytes)
-        nbytes *= 4
+        nbytes *= args.factor
     hw = utils.hardware()
     machine = f"{hw['cpu']}, {hw['cores']} CPUs"
     utils.print0(f"all-reduce of float32, N={world_size} ranks, {machine}, "

@@ -92,9 +92,12 @@ def tbf_args(rate):
     The bucket holds 2 ms at the rate (at least 16 KB), so a message larger than that
     goes at the rate; the queue holds 200 ms before dropping, so TCP sees few losses.
     """
-    bits = parse_rate(rate)
-    burst = max(16 * 1024, int(bits / 8 * 2e-3))
-    return ["tbf", "rate", rate, "burst", str(burst), "latency", "200ms"]
+    return ["tbf", "rate", rate, "burst", str(burst_bytes(rate)), "latency", "200ms"]
+
+
+def burst_bytes(rate):
+    """The token bucket's size: bytes that pass at the veth's own speed once the bucket is full."""
+    return max(16 * 1024, int(parse_rate(rate) / 8 * 2e-3))
 
 
 def parse_rate(rate):

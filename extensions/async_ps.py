@@ -197,11 +197,12 @@ def work_epoch(model, flat_params, flat_grads, train, epoch, batches, args, comm
 
 # ----- the hook: what dist_sgd_param_server.py's MODES table calls -----
 
-def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, step, total_steps,
-                args, comm, traffic):
+def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, total_steps, global_batch,
+                args, traffic, *, step, comm):
     """One epoch of --mode async or ssp, with the signature of the script's synchronous
-    train_epoch. Returns (step, this rank's mean loss, its communication time, the server's
-    update time, the epoch's staleness statistics)."""
+    train_epoch (`global_batch` is unused: each update here is one worker's --batch-size).
+    Returns (step, this rank's mean loss, its communication time, the server's update time,
+    the epoch's staleness statistics)."""
     batches = min(len(train[0]) // args.batch_size, total_steps - step)
     if len(train[0]) // args.batch_size >= END:  # every rank gets here with the same numbers
         utils.fail(f"{len(train[0]) // args.batch_size} batches per epoch: --mode {args.mode} numbers "

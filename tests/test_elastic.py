@@ -1,9 +1,10 @@
-"""dist_sgd_serverless.py --elastic (extensions/elastic.py): when a rank dies, the survivors
-shrink the communicator, redo the interrupted step on the same global batch, and end where
-centralized SGD on that batch ends, and where the uninterrupted run ends.
+"""--elastic (extensions/elastic.py): when a rank dies, the survivors shrink the communicator,
+redo the interrupted step on the same global batch, and end where centralized SGD on that
+batch ends, and where the uninterrupted run ends. The same for the parameter server's workers;
+a lost server ends the job with one line.
 
-    python -m pytest -q tests/test_elastic.py            # one failure, in the default tier
-    python -m pytest -q -m slow tests/test_elastic.py    # every case
+    python -m pytest -q tests/test_elastic.py            # one serverless failure, in the default tier
+    python -m pytest -q -m slow tests/test_elastic.py    # every case, the parameter server's too
 
 tests/inject_failure.py ends a rank on its k-th training step, with os._exit(1) or a SIGKILL,
 without a word to MPI. mpirun's own exit status is then the dead rank's: 1 after os._exit(1),
@@ -13,6 +14,7 @@ import functools
 import json
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -29,6 +31,9 @@ QUICK = ["--dataset", "synthetic", "--train-size", 400, "--lr", 0.05, "--max-ste
 # pass. Plain SGD keeps it under 1e-5; Nesterov momentum 0.9 amplifies it, to 9e-5 at N = 4
 # with no failure at all (measured), while the wrong momentum would be off by ~1e-3.
 TOL = {0: 1e-5, 0.9: 2e-4}
+# The parameter server adds its W gradients after W backward passes: with 4 workers and no
+# failure at all it ends 1.9e-5 from centralized SGD in plain SGD here (measured).
+TOL_PS = {0: 5e-5, 0.9: 2e-4}
 
 
 def elastic_run(n, tmp_path, *faults, allreduce="mpi", how="exit", momentum=0):
@@ -86,6 +91,60 @@ def test_survivors_finish_equal_to_centralized_sgd(n, faults, allreduce, how, mo
     assert (got - centralized(n, momentum)).abs().max() < TOL[momentum], (got - centralized(n, momentum)).abs().max()
     # the control: centralized SGD on the other global batch size is measurably different
     assert (got - centralized(7 - n, momentum)).abs().max() > 10 * TOL[momentum]
+
+
+def elastic_ps_run(n, tmp_path, *faults, how="exit", momentum=0):
+    """mpirun n ranks of dist_sgd_param_server.py --elastic, ending each (rank, call, function)
+    of `faults` on that call of utils.<function>: train_step on a worker, set_lr on the server."""
+    cmd = []
+    for rank, call, function in faults:
+        cmd += ["tests/inject_failure.py", rank, call, function]
+    return mpirun(n, *cmd, "dist_sgd_param_server.py", *QUICK, "--batch-size", B, "--momentum", momentum,
+                  "--elastic", "--results", tmp_path / "r.json", "--save-model", tmp_path / "model.pt",
+                  mca=ULFM, ft=True, timeout=120, env={"INJECT": how})
+
+
+# (ranks, worker rank, its step to die at, how, momentum): 3 workers to 2 share the global batch
+# of 48 equally; 4 workers to 3 share 64 as 22, 21, 21, which the server weighs
+@pytest.mark.slow
+@pytest.mark.parametrize("n, rank, step, how, momentum", [(4, 2, 3, "exit", 0.9), (5, 1, 5, "kill", 0)])
+def test_parameter_server_goes_on_without_a_lost_worker(n, rank, step, how, momentum, centralized, tmp_path):
+    proc = elastic_ps_run(n, tmp_path, (rank, step, "train_step"), how=how, momentum=momentum)
+    assert proc.returncode == (1 if how == "exit" else 0), proc.stderr
+    assert re.search(r"^Final test accuracy: \d+\.\d\d%$", proc.stdout, re.M), proc.stdout + proc.stderr
+    results, got = json.loads((tmp_path / "r.json").read_text()), torch.load(tmp_path / "model.pt")
+    assert results["steps"] == STEPS
+    [failure] = results["failures"]
+    assert failure["ranks"] == [rank] and failure["world_size"] == n - 1
+    # the survivors redid the step the server had not finished: the one the worker died in
+    assert failure["step"] == step - 1
+    lines = re.findall(r"^rank (\d) lost at step (\d+): continuing on (\d) ranks", proc.stdout, re.M)
+    assert lines == [(str(rank), str(step - 1), str(n - 1))], proc.stdout
+    # the global batch stayed (n - 1) x B: centralized SGD's result on that batch
+    err = (got - centralized(n - 1, momentum)).abs().max()
+    assert err < TOL_PS[momentum], err
+    assert (got - centralized(n - 2, momentum)).abs().max() > 10 * TOL_PS[momentum]  # the control
+
+
+@pytest.mark.slow
+def test_a_lost_parameter_server_ends_the_job_with_one_line(tmp_path):
+    proc = elastic_ps_run(3, tmp_path, (0, 3, "set_lr"))
+    assert proc.returncode != 0 and "Final test accuracy" not in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "parameter server (rank 0) was lost" in errors[0] and "--resume" in errors[0], \
+        proc.stderr
+    died = float(re.search(r"injected fault in utils.set_lr, .* at ([\d.]+)", proc.stderr).group(1))
+    assert time.time() - died < 10, f"the job took {time.time() - died:.1f} s to end after the fault"
+
+
+@pytest.mark.slow
+def test_elastic_is_refused_with_the_asynchronous_server(tmp_path):
+    proc = mpirun(2, "dist_sgd_param_server.py", "--dataset", "synthetic", "--elastic", "--mode", "async",
+                  "--results", tmp_path / "r.json", mca=ULFM, ft=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--mode sync" in errors[0], proc.stderr
 
 
 @pytest.mark.slow

@@ -33,15 +33,40 @@ def test_model_formulas():
     assert network.predicted_crossover(2, a, b) == 0  # two ranks: the ring is never slower
 
 
-def test_fit_recovers_alpha_and_beta():
+def test_measured_crossover_of_model_times_is_the_predicted_one():
     a, b = 3e-4, 9e-8
     rows = [(s, {k: network.model_time(k, 4, s, a, b) for k in ("ring", "tree")}) for s in (64 << i for i in range(17))]
-    fa, fb = network.fit_alpha_beta(rows, 4)
-    assert fa == pytest.approx(a, rel=1e-6) and fb == pytest.approx(b, rel=1e-6)
     sizes = [s for s, _ in rows]
     measured = network.crossover(sizes, [t["ring"] for _, t in rows], [t["tree"] for _, t in rows])
     assert measured == pytest.approx(network.predicted_crossover(4, a, b), rel=0.1)
     assert math.isclose(network.predicted_crossover(4, a, b), 0.8 * a / b)
+
+
+def test_fit_leaves_out_the_sizes_the_burst_lets_through():
+    """The token bucket passes a message's first burst of bytes at the veth's speed: small
+    buffers cost only their messages, middling ones less than their bytes. The fit must take
+    alpha from the first and beta from the large buffers, and never go below the rate."""
+    a, b, burst = 1e-4, 9e-8, 25_000
+    rows = []
+    for s in (64 << i for i in range(15)):
+        if s <= burst / 4:
+            t = {k: network.model_time(k, 4, s, a, 0) for k in ("ring", "tree")}
+        elif s < 8 * burst:
+            t = {k: network.model_time(k, 4, s, a, b / 5) for k in ("ring", "tree")}
+        else:
+            t = {k: network.model_time(k, 4, s, a, b) for k in ("ring", "tree")}
+        rows.append((s, t))
+    fa, fb = network.fit_alpha_beta(rows, 4, burst)
+    assert fa == pytest.approx(a, rel=1e-9) and fb == pytest.approx(b, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 200000 bytes"):
+        network.fit_alpha_beta(rows[:10], 4, burst)
+
+
+def test_pipelined_server_hides_all_but_one_gradient():
+    a = {"alpha": 1e-3, "beta": 1e-7}  # at 100mbit; 10mbit is 10x slower per byte
+    ps = {"compute": 0.3, "hosts": 4, "nbytes": 400_000, "predicted": None}
+    assert network.pipelined_ps(ps, a, "10mbit") == pytest.approx(0.3 + 2e-3 + 4 * 400_000 * 1e-6)
+    assert network.pipelined_ps(ps, a, "10mbit") < 0.3 + network.model_time("ps", 4, 400_000, 1e-3, 1e-6)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(RECORDS, "network.json")),
