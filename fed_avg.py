@@ -32,8 +32,9 @@ Results go to results/fed_avg_<split>.json, the split's plot to figures/data_dis
 Beyond the assignment, through one hook each: --algorithm fedprox|fedavgm|scaffold picks a
 variant from extensions/fed_algorithms.py, which may amend the client's step, send more beside
 the weights, and set the new global weights otherwise than the average; --measure-drift records
-each client rank's model against the global one each round (extensions/drift.py). With the
-defaults (fedavg, no drift) the script computes what it computed without them, bit for bit.
+each client rank's model against the global one each round (extensions/drift.py); --elastic
+goes on without a client rank that dies, its clients moved to the others (extensions/elastic.py).
+With the defaults (fedavg, no drift) the script computes what it computed without them, bit for bit.
 """
 import itertools
 import os
@@ -44,7 +45,7 @@ import torch
 from mpi4py import MPI
 
 import utils
-from extensions import drift, fed_algorithms
+from extensions import drift, elastic, fed_algorithms
 
 SERVER = 0
 # Q5: change to "non-iid" (or pass --split-method non-iid) to give each client only a few classes.
@@ -274,6 +275,24 @@ def client_round(model, flat_params, sums, train, shards, clients, round_, args,
     return loss_sum, n_steps, train_time, time.perf_counter() - t0 - train_time
 
 
+def federated_round(model, flat_params, sums, train, shards, clients, host, args, traffic, algo, *, round_, comm):
+    """One round on every rank: the server's part, or the part of this rank's clients (`host[k]`
+    is client k's rank; a rank with none sits out), then every rank's statistics to every rank.
+    Returns (that table, and on the server each client rank's upload, for --measure-drift)."""
+    rank = comm.Get_rank()
+    workers = sorted({host[k] for k in clients})  # the ranks this round's clients run on
+    loss_sum, n_steps, train_time, comm_time, uploads = 0.0, 0, 0.0, 0.0, None
+    if rank == SERVER:
+        comm_time, uploads = server_round(flat_params, sums, workers, comm, traffic, algo)
+    elif rank in workers:
+        loss_sum, n_steps, train_time, comm_time = client_round(
+            model, flat_params, sums, train, shards, [k for k in clients if host[k] == rank], round_,
+            args, comm, traffic, algo)
+    # every rank's statistics to every rank: all stop together if training diverged
+    table = round_table([loss_sum, n_steps, train_time, comm_time, traffic.sent, traffic.received], comm)
+    return table, uploads
+
+
 # ----- training -----
 
 def parse_args(world_size):
@@ -308,10 +327,12 @@ def parse_args(world_size):
     parser.add_argument("--measure-drift", action="store_true",
                         help="record each round each client rank's distance from the new global model and "
                              "per-class accuracies (costs the server a test pass per client rank)")
+    elastic.add_flags(parser)
     args = parser.parse_args()
     args.split = args.split_method + (f"_alpha{args.alpha:g}" if args.alpha else "")  # names the outputs
     args.results = args.results or os.path.join("results", f"fed_avg_{args.split}.json")
     utils.check_args(args)
+    elastic.check(args)
     if world_size < 2:
         utils.fail("FedAvg needs a server and at least one client: mpirun -n 5 python fed_avg.py "
                    "(rank 0 serves, ranks 1-4 are clients)")
@@ -414,21 +435,16 @@ def main():
     algo.load_state_(progress["algorithm"])  # FedAvgM's momentum, SCAFFOLD's control variates
     traffic = utils.Traffic(*progress["traffic"][rank])
 
-    # train
+    # train; with --elastic a lost client rank's clients move to the survivors (`host` changes in
+    # place), and the round is redone from the same global model (extensions/elastic.py)
+    comm, federated_round_, failures = (elastic.survive_clients(comm, federated_round, flat_params, algo, host)
+                                        if args.elastic else (comm, federated_round, None))
     t_start = time.perf_counter() - progress["wall_time"]
     for round_ in range(progress["round"], args.rounds):
         t0 = time.perf_counter()
         clients = sorted(torch.randperm(args.num_clients, generator=sampler)[:per_round].tolist())
-        workers = sorted({host[k] for k in clients})  # the ranks this round's clients run on
-        loss_sum, n_steps, train_time, comm_time = 0.0, 0, 0.0, 0.0  # a rank with no client sits out
-        if is_root:
-            comm_time, uploads = server_round(flat_params, sums, workers, comm, traffic, algo)
-        elif rank in workers:
-            loss_sum, n_steps, train_time, comm_time = client_round(
-                model, flat_params, sums, train, shards, [k for k in clients if host[k] == rank], round_,
-                args, comm, traffic, algo)
-        # every rank's statistics to every rank: all stop together if training diverged
-        table = round_table([loss_sum, n_steps, train_time, comm_time, traffic.sent, traffic.received], comm)
+        table, uploads = federated_round_(model, flat_params, sums, train, shards, clients, host, args, traffic, algo,
+                                          round_=round_, comm=comm)
         train_loss = table[:, 0].sum() / max(1, table[:, 1].sum())
         if not np.isfinite(train_loss):
             utils.fail(f"training diverged (train loss {train_loss}); lower --lr", code=1)
@@ -437,7 +453,7 @@ def main():
         if is_root:
             h = round_record(model, x_test, y_test, round_, clients, train_loss, table, t0, args)
             if meter:  # --measure-drift: each client rank's model against the new global one
-                h.update(drift=meter.measure(flat_params, uploads, workers, clients))
+                h.update(drift=meter.measure(flat_params, uploads, sorted({host[k] for k in clients}), clients))
             progress.update(history=progress["history"] + [h], wall_time=time.perf_counter() - t_start)
             if args.checkpoint:  # the server's weights are the global model
                 utils.save_checkpoint(args, world_size, model, None, progress)
@@ -453,7 +469,8 @@ def main():
             local_steps=steps, threads=threads, device=str(device), params=len(flat_params),
             wall_time=time.perf_counter() - t_start, final_test_acc=history[-1]["test_acc"], history=history,
             bytes_per_rank=[{"bytes_sent": int(s), "bytes_recv": int(r)} for s, r in progress["traffic"]],
-            figure=os.path.join(args.figures_dir, f"data_distribution_{args.split}.png")))
+            figure=os.path.join(args.figures_dir, f"data_distribution_{args.split}.png"),
+            **({"failures": failures} if args.elastic else {})))
         if args.save_model:
             utils.save_model(args.save_model, model)
 

@@ -689,6 +689,8 @@ def load_checkpoint(args, world_size, model, optimizer, progress):
     if optimizer:
         optimizer.load_state_dict(state["optimizer"])
     progress.update(state["progress"])
+    if "traffic" in progress:  # a run that lost ranks (--elastic) counted fewer than it restarts with
+        progress["traffic"] += [[0, 0]] * (world_size - len(progress["traffic"]))
     done = ", ".join(f"{k} {progress[k]}" for k in ("epoch", "round", "step") if k in progress)
     print0(f"resumed from {path}: {done}")
     return progress

@@ -2,9 +2,9 @@
 
     mpirun --with-ft ulfm --mca pml ob1 --mca btl tcp,self -n 4 python dist_sgd_serverless.py --elastic
 
-Used by dist_sgd_serverless.py through one hook (`survive`), and by dist_sgd_param_server.py
-through `survive_server` (below); without --elastic a lost rank ends the whole job
-(utils.abort_on_exception), which stays the default.
+Used by dist_sgd_serverless.py through one hook (`survive`), by dist_sgd_param_server.py
+through `survive_server`, and by fed_avg.py through `survive_clients` (below); without
+--elastic a lost rank ends the whole job (utils.abort_on_exception), which stays the default.
 
 ULFM, User-Level Failure Mitigation (Bland, Bouteiller, Herault, Bosilca, Dongarra, "Post-failure
 recovery of MPI communication capability: design and rationale", IJHPCA 2013), is built into Open
@@ -29,6 +29,16 @@ The parameter server (--mode sync) differs in two ways. Its state is the server'
 step 3 the survivors take the server's weights and its count of updates. And the workers send
 their gradients unweighted: the server weighs them by their shares when it averages. A lost
 server cannot be replaced by a worker, which holds no momentum: the job ends, with one line.
+
+FedAvg works in rounds, not steps, and a round is all or nothing. Every rank holds the whole
+training set, and a client's batches are seeded by (seed, round, client), not by the rank that
+runs it, so a lost rank's clients can run anywhere and compute the same. After each round the
+survivors agree (Agree, whose outcome ULFM makes the same on every survivor) on whether every
+one of them finished it. If not, they shrink, the lost rank's clients move to the surviving client
+ranks, the server puts back the global model (and FedAvgM's momentum) it held at the round's
+start, and the whole round is redone with the same clients. The final model equals the
+uninterrupted run's, up to the order in which the server adds the clients' weights. SCAFFOLD's
+client control variates live on their rank and die with it: --elastic refuses SCAFFOLD.
 """
 import atexit
 import os
@@ -63,6 +73,9 @@ def check(args):
         utils.fail("--elastic works with the uncompressed average only (--compress none)")
     if getattr(args, "mode", "sync") != "sync":
         utils.fail("--elastic works with the synchronous parameter server only (--mode sync)")
+    if getattr(args, "algorithm", "fedavg") == "scaffold":
+        utils.fail("--elastic cannot move SCAFFOLD's client control variates, which die with their rank: "
+                   "use --algorithm fedavg, fedprox or fedavgm")
 
 
 class ShrinkingComm:
@@ -82,9 +95,9 @@ class ShrinkingComm:
         old_rank, old_size = self.comm.Get_rank(), self.comm.Get_size()
         self.comm.Revoke()
         self.comm = self.comm.Shrink()
-        survivors = self.comm.allgather(old_rank)
+        self.old_ranks = self.comm.allgather(old_rank)  # the survivors' ranks before, in their new order
         utils.RANK = self.comm.Get_rank()  # the new rank 0 prints and writes
-        return sorted(set(range(old_size)) - set(survivors))
+        return sorted(set(range(old_size)) - set(self.old_ranks))
 
 
 def survive(comm, train_epoch, model, optimizer, flat_params, global_batch):
@@ -96,8 +109,7 @@ def survive(comm, train_epoch, model, optimizer, flat_params, global_batch):
     def weighted_average_(flat_grads, comm, allreduce_, device_ok=False):
         """Weight this rank's gradient by its share of the global batch, then sum: the mean
         over the batch, for shares of any size."""
-        share = len(range(comm.Get_rank(), global_batch, comm.Get_size()))  # as utils.batches cuts it
-        flat_grads.mul_(share / global_batch)
+        flat_grads.mul_(share(comm.Get_rank(), comm.Get_size(), global_batch) / global_batch)
         with utils.staged(flat_grads, device_ok) as buf:
             moved = allreduce_(buf, comm)
         step_done(done, failures)  # the update that follows is local and cannot fail
@@ -107,6 +119,11 @@ def survive(comm, train_epoch, model, optimizer, flat_params, global_batch):
         return agree_on_state(survivors, done["step"], model, optimizer, flat_params)
 
     return survivors, retrying(train_epoch, survivors, failures, done, weighted_average_, recover), failures
+
+
+def share(rank, size, global_batch):
+    """How many of the global batch's samples rank `rank` of `size` takes, as utils.batches cuts it."""
+    return len(range(rank, global_batch, size))
 
 
 def survive_server(comm, train_epoch, flat_params, global_batch):
@@ -119,7 +136,7 @@ def survive_server(comm, train_epoch, flat_params, global_batch):
     def weighted_average_(flat_grads, inbox):
         """The server's average, each worker's gradient weighted by its share of the global
         batch: the batch mean for shares of any size; the plain mean while they are equal."""
-        shares = [len(range(w, global_batch, len(inbox))) for w in range(len(inbox))]  # as utils.batches cuts it
+        shares = [share(w, len(inbox), global_batch) for w in range(len(inbox))]
         if len(set(shares)) == 1:
             flat_grads.copy_(inbox.sum(dim=0)).div_(len(inbox))
         else:
@@ -137,6 +154,71 @@ def survive_server(comm, train_epoch, flat_params, global_batch):
                                fatal=(0, "the parameter server (rank 0)")), failures
 
 
+def survive_clients(comm, federated_round, flat_params, algo, host):
+    """fed_avg.py: wrap federated_round so that a round in which a client rank is lost is redone
+    on the survivors, the lost rank's clients moved to them (`host`, client k's rank, is changed
+    in place). A lost server ends the job, with a line that says how to restart."""
+    survivors, failures, interrupted = ShrinkingComm(comm), [], []
+
+    def federated_round_(*args, round_, comm):
+        del comm  # the script's, the survivors' proxy itself
+        server = survivors.Get_rank() == 0
+        if server:  # what the round changes on the server, to put back if it is redone
+            start = flat_params.clone(), {k: v.clone() for k, v in algo.state(survivors, [], host).items()}
+        while True:
+            try:
+                result, finished = federated_round(*args, round_=round_, comm=survivors), 1
+            except MPI.Exception as e:
+                if not lost_a_rank(e, survivors):
+                    raise
+                survivors.Revoke()  # wake the ranks still waiting on this round
+                # fed_avg.py's waits test their requests (MPI.Request.Testall), so some were still
+                # pending when this was raised. Keep them, through the error's traceback: a
+                # request freed while pending reports its failure later as fatal (seen).
+                interrupted.append(e)
+                result, finished = None, 0
+            try:
+                finished = survivors.Agree(finished)  # the same answer on every survivor
+            except MPI.Exception as e:  # raised on every survivor alike
+                if not lost_a_rank(e, survivors):
+                    raise
+                finished = 0
+            if finished:
+                return result
+            t0 = time.perf_counter()
+            lost = survivors.shrink()
+            if 0 in lost:
+                give_up("the server (rank 0)", f"in round {round_ + 1}")
+            if survivors.Get_size() < 2:
+                give_up("every client rank", f"in round {round_ + 1}")
+            moved = move_clients_(host, lost, survivors.old_ranks)
+            if server:
+                flat_params.copy_(start[0])
+                algo.load_state_(start[1])
+            leave_without_finalize(survivors)
+            failures.append(dict(ranks=lost, round=round_ + 1, world_size=survivors.Get_size(), moved=moved,
+                                 recovery_time=time.perf_counter() - t0))
+            utils.print0(f"rank {', '.join(map(str, lost))} lost in round {round_ + 1}: clients "
+                         f"{', '.join(map(str, moved))} moved; redoing the round on {survivors.Get_size()} "
+                         f"ranks ({failures[-1]['recovery_time']:.1f} s)")
+
+    return survivors, federated_round_, failures
+
+
+def move_clients_(host, lost, old_ranks):
+    """Renumber `host` (client k's rank) in place for the survivors, `old_ranks[r]` being new rank
+    r's rank before, and deal the clients of the `lost` ranks out to the client ranks (1, 2, ...)
+    in turn. Returns the clients moved."""
+    new_rank = {old: new for new, old in enumerate(old_ranks)}
+    moved = [k for k, r in enumerate(host) if r in lost]
+    for k, r in enumerate(host):
+        if r not in lost:
+            host[k] = new_rank[r]
+    for i, k in enumerate(moved):
+        host[k] = 1 + i % (len(old_ranks) - 1)
+    return moved
+
+
 def lost_a_rank(error, comm):
     """Whether an MPI error means a rank was lost. A Waitall on several requests reports the
     failure of one as ERR_IN_STATUS; then the communicator's group of failed ranks tells."""
@@ -145,12 +227,37 @@ def lost_a_rank(error, comm):
     return error.Get_error_class() == MPI.ERR_IN_STATUS and comm.Get_failed().Get_size() > 0
 
 
-def exit_without_finalize():
+def give_up(who, when):
+    """End the job: one line from the survivors' rank 0, and exit status 1 on every survivor.
+    Not through utils.fail: after an earlier recovery, exit_without_finalize would exit 0."""
+    if utils.RANK == 0:
+        print(f"error: {who} was lost {when}: the run cannot go on without it. Restart from the last "
+              "checkpoint: the same command with --checkpoint PATH --resume", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # without MPI_Finalize, which can wait forever on the dead rank
+
+
+def leave_without_finalize(comm):
+    """From now on, end without MPI_Finalize (registered once, however many failures)."""
+    atexit.unregister(exit_without_finalize)
+    atexit.register(exit_without_finalize, comm)
+
+
+def exit_without_finalize(comm, patience=120):
     """After a failure, leave without MPI_Finalize: in Open MPI 5 it can wait forever on the
-    dead rank (open-mpi/ompi#11404; it hung here now and then). Registered after
-    mpi4py's own exit handler, so it runs before it: the process ends here, its output flushed."""
+    dead rank (open-mpi/ompi#11404; it hung here now and then). But first wait for the other
+    survivors: once a rank has exited with an error, Open MPI's runtime kills the whole job as
+    soon as any other rank ends (seen: fed_avg.py's clients, done, killed the server while it
+    evaluated the last round). The wait is a barrier, given up after `patience` seconds, for a
+    rank that never comes. Registered after mpi4py's own exit handler, so it runs before it."""
     sys.stdout.flush()
     sys.stderr.flush()
+    try:
+        request, deadline = comm.Ibarrier(), time.monotonic() + patience
+        while not request.Test() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except MPI.Exception:  # another failure: nothing to wait for
+        pass
     os._exit(0)
 
 
@@ -178,11 +285,9 @@ def retrying(train_epoch, survivors, failures, done, weighted_average_, recover,
             t0 = time.perf_counter()
             lost = survivors.shrink()
             if fatal and fatal[0] in lost:
-                utils.fail(f"{fatal[1]} was lost at step {done['step']}: the run cannot go on without it. "
-                           "Restart from the last checkpoint: the same command with --checkpoint PATH --resume",
-                           code=1)
+                give_up(fatal[1], f"at step {done['step']}")
             step = recover()
-            atexit.register(exit_without_finalize)
+            leave_without_finalize(survivors)
             failures.append(dict(ranks=lost, step=step, world_size=survivors.Get_size(),
                                  recovery_time=time.perf_counter() - t0))
             utils.print0(f"rank {', '.join(map(str, lost))} lost at step {step}: continuing on "

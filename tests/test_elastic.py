@@ -147,6 +147,97 @@ def test_elastic_is_refused_with_the_asynchronous_server(tmp_path):
     assert len(errors) == 1 and "--mode sync" in errors[0], proc.stderr
 
 
+# ----------------------------------------------------------------------------- FedAvg
+
+# 6 clients on 3 client ranks, 2 each, 4 steps per client per round: rank 2's 6th step is in
+# round 2, its second client's second step
+FED = ["fed_avg.py", "--dataset", "synthetic", "--train-size", 600, "--rounds", 3, "--max-steps", 4,
+       "--batch-size", B, "--num-clients", 6]
+
+
+@pytest.fixture(scope="module")
+def fed_uninterrupted(tmp_path_factory):
+    """fed_uninterrupted(momentum): the final global model of the same FedAvg run on 4 ranks,
+    with no failure and no --elastic."""
+    folder = tmp_path_factory.mktemp("fed")
+
+    @functools.cache
+    def run(momentum):
+        path = folder / f"fed-{momentum}.pt"
+        check(mpirun(4, *FED, "--momentum", momentum, "--save-model", path, "--results", folder / "fed.json",
+                     "--figures-dir", folder))
+        return torch.load(path)
+    return run
+
+
+def elastic_fed_run(tmp_path, *faults, how="exit", momentum=0, more=()):
+    """mpirun 4 ranks of fed_avg.py --elastic, ending each (rank, call, function) of `faults`."""
+    cmd = []
+    for rank, call, function in faults:
+        cmd += ["tests/inject_failure.py", rank, call, function]
+    return mpirun(4, *cmd, *FED, "--momentum", momentum, "--elastic", "--results", tmp_path / "r.json",
+                  "--save-model", tmp_path / "model.pt", "--figures-dir", tmp_path, *more,
+                  mca=ULFM, ft=True, timeout=150, env={"INJECT": how})
+
+
+# (client rank, its train_step to die at, how, momentum): rank 2 in round 2 (its clients 1 and 4
+# move to ranks 1 and 2 of the survivors), rank 3 in round 1
+@pytest.mark.slow
+@pytest.mark.parametrize("rank, step, how, momentum", [(2, 6, "exit", 0), (3, 2, "kill", 0.9)])
+def test_fedavg_moves_a_lost_ranks_clients_and_ends_where_the_uninterrupted_run_ends(
+        rank, step, how, momentum, fed_uninterrupted, tmp_path):
+    proc = elastic_fed_run(tmp_path, (rank, step, "train_step"), how=how, momentum=momentum)
+    assert proc.returncode == (1 if how == "exit" else 0), proc.stderr
+    assert re.search(r"^Final test accuracy: \d+\.\d\d%$", proc.stdout, re.M), proc.stdout + proc.stderr
+    results, got = json.loads((tmp_path / "r.json").read_text()), torch.load(tmp_path / "model.pt")
+    [failure] = results["failures"]
+    lost_round = 1 + (step - 1) // 8  # 2 clients x 4 steps per round on the rank
+    assert failure["ranks"] == [rank] and failure["world_size"] == 3 and failure["round"] == lost_round
+    clients = [k for k in range(6) if 1 + k % 3 == rank]  # as fed_avg.py deals them
+    assert failure["moved"] == clients and all(1 <= r <= 2 for r in results["client_ranks"])
+    assert sorted(results["client_ranks"][k] for k in clients) == [1, 2]  # dealt out in turn
+    line = f"rank {rank} lost in round {lost_round}: clients {', '.join(map(str, clients))} moved; " \
+           "redoing the round on 3 ranks"
+    assert line in proc.stdout, proc.stdout
+    assert [h["round"] for h in results["history"]] == [1, 2, 3]
+    # the same clients, from the same global model, with their own seeds: the same run, up to the
+    # order in which the server adds their weights
+    want = fed_uninterrupted(momentum)
+    assert (got - want).abs().max() < TOL[momentum], (got - want).abs().max()
+
+
+@pytest.mark.slow
+def test_fedavg_after_a_lost_server_resumes_from_the_checkpoint_the_survivors_wrote(fed_uninterrupted, tmp_path):
+    """A client rank dies in round 1, the survivors go on; then the server dies in round 2 (at its
+    2nd evaluation, before round 2's checkpoint): one line that says --resume. The resumed run,
+    on 4 ranks again from the survivors' checkpoint of round 1, ends where the uninterrupted run ends."""
+    ckpt = ["--checkpoint", tmp_path / "ckpt.pt"]
+    proc = elastic_fed_run(tmp_path, (3, 2, "train_step"), (0, 2, "evaluate"), how="kill", more=ckpt)
+    assert proc.returncode != 0 and "Final test accuracy" not in proc.stdout, proc.stdout + proc.stderr
+    assert "rank 3 lost in round 1" in proc.stdout and "round   1/3" in proc.stdout, proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "server (rank 0) was lost" in errors[0] and "--resume" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    died = float(re.search(r"injected fault in utils.evaluate, .* at ([\d.]+)", proc.stderr).group(1))
+    assert time.time() - died < 10, f"the job took {time.time() - died:.1f} s to end after the fault"
+    resumed = mpirun(4, *FED, "--momentum", 0, "--results", tmp_path / "r.json", "--save-model",
+                     tmp_path / "model.pt", "--figures-dir", tmp_path, *ckpt, "--resume")
+    check(resumed)
+    assert "resumed from" in resumed.stdout and "round 1" in resumed.stdout, resumed.stdout
+    want = fed_uninterrupted(0)
+    got = torch.load(tmp_path / "model.pt")
+    assert (got - want).abs().max() < TOL[0], (got - want).abs().max()
+
+
+def test_elastic_refuses_scaffold(tmp_path):
+    proc = in_process("fed_avg.py", "--dataset", "synthetic", "--elastic", "--algorithm", "scaffold",
+                      "--results", tmp_path / "r.json",
+                      env={"OMPI_MCA_mpi_ft_enable": "1"})  # as `mpirun --with-ft ulfm` sets it
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "SCAFFOLD" in errors[0], proc.stderr
+
+
 @pytest.mark.slow
 def test_elastic_without_a_failure_is_the_uninterrupted_run(centralized, tmp_path):
     proc, results, got = elastic_run(4, tmp_path)
