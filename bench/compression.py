@@ -95,7 +95,8 @@ def measure(args):
 def table_rows(record, out):
     """The numbers of each run, read from its own results JSON."""
     rows = []
-    for row in record["rows"]:
+    order = lambda row: (row["rate"] is not None, (row["rate"] or "").rjust(9), list(METHODS).index(row["method"]))
+    for row in sorted(record["rows"], key=order):  # this machine first, then the links, fastest first
         with open(os.path.join(out, row["results"])) as f:
             r = json.load(f)
         c, h = r["compression"], r["history"]
@@ -143,7 +144,10 @@ def render(record, out, md_path, fig_path):
              "algorithm); step time: the training time per step, computation included. The local rows share "
              "this machine's cores among all ranks, so their times are a comm share, not a link's speed; "
              "the rows with a link rate ran on bench/cluster.py's emulated hosts, cut to a few steps "
-             "(their accuracy means nothing).", "",
+             "(their accuracy means nothing). Those hosts share this machine's cores too, so a step's "
+             "computation is that of all ranks on them: with a core per host it would be shorter, the "
+             "link's share of a step larger, and compression's gain in step time larger with it. "
+             "One run per method, one seed: the spread of accuracy between seeds was not measured.", "",
              "| method | link | final test acc | payload per step | vs none | sent per step | step time | comm share |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -126,8 +126,9 @@ def render_results(raw, md_dir):
           f"- Records: the JSON of every part and `run.json`, in `{shown_path(raw)}/`; "
           "`python bench/run.py --render-only` rebuilds this file from them.",
           "- Beside this one, each from its own records and command: the paradigms on an emulated "
-          "cluster with slow links, [`NETWORK.md`](NETWORK.md) (`bench/network.py`), and `--elastic`, "
-          "[`ELASTIC.md`](ELASTIC.md) (`bench/elastic.py`).", "",
+          "cluster with slow links, [`NETWORK.md`](NETWORK.md) (`bench/network.py`); `--elastic`, "
+          "[`ELASTIC.md`](ELASTIC.md) (`bench/elastic.py`); and gradient compression, "
+          "[`COMPRESSION.md`](COMPRESSION.md) (`bench/compression.py`).", "",
           "## Targets", "",
           "| target | measured | limit | result |", "|---|---|---|---|"]
     L += [f"| {what} | {fmt(v)} | {rule} | {verdict(v, limit, rule)} |" for what, v, limit, rule in bench_targets(b)]

@@ -11,6 +11,7 @@ rank trains like no compression, every method's bytes in the results JSON; and
 bench/compression.py --tiny.
 """
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 
 import utils
 from extensions.compression import METHODS, record
-from mpi import check, in_process, mpirun, python
+from mpi import ROOT, check, in_process, mpirun, python
 
 QUICK = ["--dataset", "synthetic", "--train-size", "512", "--max-steps", "3", "--batch-size", "16"]
 
@@ -206,3 +207,15 @@ def test_tiny_bench_writes_records_table_and_plot(tmp_path):
     # the table comes from the records alone
     check(python("bench/compression.py", "--render-only", "--out", tmp_path, timeout=120))
     assert (tmp_path / "COMPRESSION.md").read_text() == text
+
+
+def test_committed_table_is_rendered_from_the_records(tmp_path):
+    """bench/COMPRESSION.md holds no number that results/reference/compression does not."""
+    from bench import compression as bench_compression
+    out = os.path.join(ROOT, "results", "reference", "compression")
+    with open(os.path.join(out, "compression.json")) as f:
+        record = json.load(f)
+    bench_compression.render(record, out, tmp_path / "COMPRESSION.md", tmp_path / "compression.png")
+    with open(os.path.join(ROOT, "bench", "COMPRESSION.md")) as f:
+        assert f.read() == (tmp_path / "COMPRESSION.md").read_text(), \
+            "stale: python bench/compression.py --render-only"
