@@ -96,7 +96,7 @@ def table_rows(record, out):
     """The numbers of each run, read from its own results JSON."""
     rows = []
     order = lambda row: (row["rate"] is not None, (row["rate"] or "").rjust(9), list(METHODS).index(row["method"]))
-    for row in sorted(record["rows"], key=order):  # this machine first, then the links, fastest first
+    for row in sorted(record["rows"], key=order):  # this machine first, then the links, slowest first
         with open(os.path.join(out, row["results"])) as f:
             r = json.load(f)
         c, h = r["compression"], r["history"]
