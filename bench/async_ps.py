@@ -8,7 +8,16 @@ and the all-reduce, with no straggler and with one worker 3x slower (issue 17).
 For each straggler setting (none; worker 2 at 3x by sleeping; worker 2 at 3x by spinning), it
 runs one after another, each as its own mpirun job with the same data, seed and epochs:
   dist_sgd_param_server.py --mode sync; --mode ssp --staleness 2 and --mode async, each with
-  and without --staleness-lr; and dist_sgd_serverless.py on the W worker ranks.
+  and without --staleness-lr; --mode async --momentum 0.6; and dist_sgd_serverless.py on
+  the W worker ranks. The momentum run follows Mitliagkas et al. 2016 ("Asynchrony begets
+  Momentum"): W asynchronous workers act like an implicit momentum of about 1 - 1/W, so
+  explicit momentum should come down. 0.6 is a rough pick, not tuned: it is the mu for which
+  (1 - mu) / W = 1 - 0.9 at W = 4, were the two momenta to compound.
+  async-m0.6-lr0.025 also halves the lr, to sync's lr per sample (linear scaling from the
+  batch of 256 to that of 64); it is the best of five probes, lr 0.025 with momentum 0.9,
+  0.6, 0.3, 0 and lr 0.0125 with momentum 0.6, one epoch each without a straggler, picked on
+  their test accuracy (records in probes/; --probes runs them).
+A run that diverges (the script's "training diverged" error) is recorded as such.
 Every run applies every batch of every epoch once, so all see the same training samples.
 From each results JSON it takes the throughput in training samples whose gradients were
 applied per second of training (a sync step applies W batches, an async update one: samples,
@@ -20,9 +29,12 @@ The machine matters: with fewer cores than ranks a sleeping straggler frees its 
 others, so it slows the job less than a slower processor would; the busy variant keeps the
 core, and the difference between the two rows is that effect. Run it on an idle machine.
 Records (async.json and each run's JSON) go to results/reference/async/; ASYNC.md and the
-figure are rendered from them alone.
+figure are rendered from them alone. A run whose record exists, made with the same --epochs,
+is not run again (delete it to rerun), so --stragglers and --modes can fill in a subset;
+async.json lists every run that has a record.
 """
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -34,6 +46,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import utils  # noqa: E402
 from extensions import async_ps  # noqa: E402
 
 MPIRUN = shutil.which("mpirun", path=sysconfig.get_path("scripts")) or shutil.which("mpirun") or "mpirun"
@@ -41,15 +54,19 @@ STRAGGLERS = {"none": [], "sleep3": ["--straggler", "2:3", "--straggler-wait", "
               "busy3": ["--straggler", "2:3", "--straggler-wait", "busy"]}
 MODES = {"sync": ["--mode", "sync"], "ssp2": ["--mode", "ssp", "--staleness", "2"],
          "ssp2-lr": ["--mode", "ssp", "--staleness", "2", "--staleness-lr"], "async": ["--mode", "async"],
-         "async-lr": ["--mode", "async", "--staleness-lr"], "serverless": None}
+         "async-lr": ["--mode", "async", "--staleness-lr"],
+         "async-m0.6": ["--mode", "async", "--momentum", "0.6"],
+         "async-m0.6-lr0.025": ["--mode", "async", "--momentum", "0.6", "--lr", "0.025"], "serverless": None}
+ASYNC = [mode for mode in MODES if mode.startswith("async")]
 TARGETS = {"async_vs_sync_throughput": 1.8, "async_accuracy_points": 2.0}
+PROBES = [(0.025, 0.9), (0.025, 0.6), (0.025, 0.3), (0.025, 0.0), (0.0125, 0.6)]  # async (lr, momentum)
 
 
-def runs(tiny):
+def runs(tiny, stragglers=tuple(STRAGGLERS), modes=tuple(MODES)):
     """[(name, straggler, mode)] in the order they run."""
-    stragglers = ("none", "sleep3") if tiny else tuple(STRAGGLERS)
-    modes = ("sync", "ssp2", "async-lr", "serverless") if tiny else tuple(MODES)
-    return [(f"{mode}_{s}", s, mode) for s in stragglers for mode in modes]
+    if tiny:
+        stragglers, modes = ("none", "sleep3"), ("sync", "ssp2", "async-lr", "serverless")
+    return [(f"{mode}_{s}", s, mode) for s in STRAGGLERS if s in stragglers for mode in MODES if mode in modes]
 
 
 def command(mode, straggler, workers, data, results):
@@ -63,26 +80,64 @@ def command(mode, straggler, workers, data, results):
             *data, *flags, *slow, "--results", results]
 
 
-def measure(out, tiny, epochs):
+def measure(out, tiny, epochs, stragglers, modes):
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     workers = 2 if tiny else 4
     data = (["--dataset", "synthetic", "--train-size", "320", "--batch-size", "16", "--epochs", "2"] if tiny
             else ["--dataset", "cifar10", "--epochs", str(epochs)])
     record = {"runs": [], "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "tiny": tiny,
-                                   "workers": workers, "cores": os.cpu_count()}}
+                                   "workers": workers, "cores": os.cpu_count(), "epochs": 2 if tiny else epochs}}
+    chosen = runs(tiny, stragglers, modes)
     for name, straggler, mode in runs(tiny):
         results = os.path.join(out, "runs", f"{name}.json")
         cmd = command(mode, straggler, workers, data, results)
         shown = " ".join(["mpirun" if c == MPIRUN else "python" if c == sys.executable
                           else os.path.relpath(c, out) if c.startswith(out) else c for c in cmd])
-        print(f"$ {shown}", flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), check=True)
-        record["runs"].append({"name": name, "straggler": straggler, "mode": mode, "command": shown,
-                               "seconds": round(time.perf_counter() - t0, 1), "results": f"runs/{name}.json"})
+        if not same_data(results, data) and (name, straggler, mode) in chosen:
+            print(f"$ {shown}", flush=True)
+            status, error = run_logged(cmd)
+            if status and error and "diverged" in error:  # a result, not a failure: record it
+                config = {flag[2:].replace("-", "_"): value for flag, value in zip(data[::2], data[1::2])}
+                utils.write_atomically(results, lambda f: json.dump({"config": config, "diverged": error}, f, indent=1))
+            elif status:
+                sys.exit(f"error: {name} ended with exit status {status}: {error}")
+        if same_data(results, data):
+            record["runs"].append({"name": name, "straggler": straggler, "mode": mode, "command": shown,
+                                   "results": f"runs/{name}.json"})
     with open(os.path.join(out, "async.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
+
+
+def probe(out, epochs):
+    """The async runs that picked async-m0.6-lr0.025's lr and momentum: no straggler, into probes/."""
+    for lr, momentum in PROBES:
+        results = os.path.join(out, "probes", f"async_lr{lr:g}_m{momentum:g}.json")
+        if not os.path.exists(results):
+            cmd = command("async", "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
+            status, error = run_logged(cmd + ["--lr", str(lr), "--momentum", str(momentum)])
+            if status:
+                sys.exit(f"error: the probe at lr {lr:g}, momentum {momentum:g} ended with exit status {status}: {error}")
+
+
+def run_logged(cmd):
+    """Run `cmd`, echoing its output; returns (its exit status, its last line that starts with error:)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    error = None
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        error = line.strip() if line.startswith("error:") else error
+    return proc.wait(), error
+
+
+def same_data(results, data):
+    """Whether a finished record exists at `results`, made with the data flags `data`."""
+    if not os.path.exists(results):
+        return False
+    with open(results) as f:
+        config = json.load(f)["config"]
+    return all(str(config[flag[2:].replace("-", "_")]) == value for flag, value in zip(data[::2], data[1::2]))
 
 
 # ----------------------------------------------------------------------------- from the records
@@ -93,6 +148,10 @@ def summarize(record, out):
     for run in record["runs"]:
         with open(os.path.join(out, run["results"])) as f:
             r = json.load(f)
+        if "diverged" in r:  # the script stopped at an epoch with a nan loss, and wrote no results
+            rows.append(dict(run, diverged=r["diverged"], samples_per_s=None, acc=None, curve=[], staleness={},
+                             mean_tau=None, max_tau=None))
+            continue
         per_step = r["config"]["batch_size"] if r["config"].get("mode", "sync") != "sync" else r["global_batch"]
         train_time = sum(h["train_time"] for h in r["history"])
         clock, curve = 0.0, []
@@ -103,7 +162,7 @@ def summarize(record, out):
         mean_tau, max_tau = async_ps.histogram_stats(hist) if hist else (0.0, 0)
         rows.append(dict(run, samples_per_s=r["steps"] * per_step / train_time, acc=r["final_test_acc"],
                          curve=curve, staleness=hist, mean_tau=mean_tau, max_tau=max_tau))
-    same_time = min(row["curve"][-1][0] for row in rows)
+    same_time = min(row["curve"][-1][0] for row in rows if row["curve"])
     for row in rows:
         done = [acc for t, acc in row["curve"] if t <= same_time * 1.0001]
         row["acc_same_time"] = done[-1] if done else None
@@ -113,26 +172,56 @@ def summarize(record, out):
 def render(record, out, md_path, fig_path):
     rows, same_time = summarize(record, out)
     sync = {row["straggler"]: row["samples_per_s"] for row in rows if row["mode"] == "sync"}
-    lines = [f"# Stragglers: sync, ssp and async parameter servers ({'tiny smoke test' if record['meta']['tiny'] else 'full'})",
-             "", f"{record['meta']['date']}, {record['meta']['workers']} workers, {record['meta']['cores']} cores. "
-             f"Rendered by `python bench/async_ps.py --render-only` from the records beside it.", "",
+    meta = record["meta"]
+    epochs = meta.get("epochs")
+    ran = {(run["straggler"], run["mode"]) for run in record["runs"]}
+    skipped = [f"{mode}_{s}" for s in STRAGGLERS for mode in MODES if (s, mode) not in ran]
+    lines = [f"# Stragglers: sync, ssp and async parameter servers ("
+             f"{'tiny smoke test' if meta['tiny'] else 'CIFAR-10'}{f', {epochs} epoch(s) per run' if epochs else ''})",
+             "", f"{meta['date']}, 1 server + {meta['workers']} workers, {meta['cores']} cores. Rendered by "
+             f"`python bench/async_ps.py --render-only` from the records in `results/reference/async/` (or --out). "
+             f"Samples/s: training samples whose gradients were applied, per second of training. "
+             f"tau: server updates between a worker's read and its gradient's application. The workers and the "
+             f"server time-share the cores, so a sleeping straggler frees CPU for the others (sleep3) while a "
+             f"spinning one keeps it (busy3)."
+             + (f" Not run: {', '.join(skipped)}." if skipped and not meta["tiny"] else ""), "",
              f"| run | straggler | samples/s | x sync | mean tau | max tau | test acc, same samples | "
              f"test acc at {same_time:.0f} s |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        if row["acc"] is None:
+            lines.append(f"| {row['mode']} | {row['straggler']} | diverged: train loss nan after the first epoch "
+                         f"| | | | | |")
+            continue
         at = "-" if row["acc_same_time"] is None else f"{row['acc_same_time']:.2f}%"
         lines.append(f"| {row['mode']} | {row['straggler']} | {row['samples_per_s']:.1f} | "
                      f"{row['samples_per_s'] / sync[row['straggler']]:.2f} | {row['mean_tau']:.2f} | {row['max_tau']} | "
                      f"{row['acc']:.2f}% | {at} |")
+    if record["meta"].get("epochs") == 1:
+        lines += ["", "Each run is one epoch with one test at its end, so the last column has a value only for "
+                  "the runs that ended within the fastest run's time."]
+    probes = sorted(glob.glob(os.path.join(out, "probes", "*.json")))
+    if probes:
+        lines += ["", "Probes (`--probes`), async without a straggler, picking async-m0.6-lr0.025's values on "
+                  "test accuracy:", "", "| lr | momentum | test acc |", "|---|---|---|"]
+        for path in probes:
+            with open(path) as f:
+                r = json.load(f)
+            lines.append(f"| {r['config']['lr']:g} | {r['config']['momentum']:g} | {r['final_test_acc']:.2f}% |")
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     by = {(row["mode"], row["straggler"]): row for row in rows}
     for s in ("sleep3", "busy3"):
-        if ("async", s) in by or ("async-lr", s) in by:
-            best = max(by[m, s]["samples_per_s"] for m in ("async", "async-lr") if (m, s) in by)
+        if any((m, s) in by for m in ASYNC):
+            best = max(by[m, s]["samples_per_s"] or 0 for m in ASYNC if (m, s) in by)
             ratio = best / sync[s]
             lines.append(f"| async samples/s vs sync, 3x straggler ({s}) | >= {TARGETS['async_vs_sync_throughput']}x | "
                          f"{ratio:.2f}x | {'yes' if ratio >= TARGETS['async_vs_sync_throughput'] else 'no'} |")
+            for m in ("ssp2", "ssp2-lr"):
+                if (m, s) in by and by[m, s]["samples_per_s"]:
+                    r = by[m, s]["samples_per_s"] / sync[s]
+                    lines.append(f"| {m} samples/s vs sync, 3x straggler ({s}) | between 1x and async's {ratio:.2f}x | "
+                                 f"{r:.2f}x | {'yes' if 1 < r < ratio else 'no'} |")
     for s in sync:
-        accs = [by[m, s]["acc"] for m in ("async", "async-lr") if (m, s) in by]
+        accs = [by[m, s]["acc"] for m in ASYNC if (m, s) in by and by[m, s]["acc"] is not None]
         if accs:
             gap = by["sync", s]["acc"] - max(accs)
             lines.append(f"| async accuracy vs sync, same samples ({s}): sync minus the better async, points | "
@@ -151,7 +240,7 @@ def plot(rows, path):
     axes = fig.subplots(2, len(stragglers), squeeze=False)
     for col, s in enumerate(stragglers):
         top, bottom = axes[0][col], axes[1][col]
-        for row in (r for r in rows if r["straggler"] == s):
+        for row in (r for r in rows if r["straggler"] == s and r["curve"]):
             top.plot(*zip(*row["curve"]), marker="o", label=row["mode"])
             if row["staleness"] and row["mode"] != "sync":
                 taus = [int(t) for t in row["staleness"]]
@@ -173,6 +262,10 @@ def main():
     parser.add_argument("--out", default=None, help="records folder; default: results/reference/async "
                         "(with --tiny it must be given, and the table and figure go there too)")
     parser.add_argument("--render-only", action="store_true", help="run nothing: render from the records in --out")
+    parser.add_argument("--stragglers", nargs="+", choices=STRAGGLERS, default=list(STRAGGLERS),
+                        help="run only these straggler settings")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="run only these modes")
+    parser.add_argument("--probes", action="store_true", help="first run the lr and momentum probes (see above)")
     args = parser.parse_args()
     if args.tiny and not args.out:
         parser.error("--tiny needs --out, so that a smoke test never overwrites the committed records")
@@ -183,7 +276,9 @@ def main():
         with open(os.path.join(out, "async.json")) as f:
             record = json.load(f)
     else:
-        record = measure(out, args.tiny, args.epochs)
+        if args.probes:
+            probe(out, args.epochs)
+        record = measure(out, args.tiny, args.epochs, args.stragglers, args.modes)
     render(record, out, md, fig)
     print(f"wrote {os.path.relpath(md, ROOT)} and {os.path.relpath(fig, ROOT)}", flush=True)
 

@@ -127,8 +127,10 @@ def render_results(raw, md_dir):
           "`python bench/run.py --render-only` rebuilds this file from them.",
           "- Beside this one, each from its own records and command: the paradigms on an emulated "
           "cluster with slow links, [`NETWORK.md`](NETWORK.md) (`bench/network.py`); `--elastic`, "
-          "[`ELASTIC.md`](ELASTIC.md) (`bench/elastic.py`); and gradient compression, "
-          "[`COMPRESSION.md`](COMPRESSION.md) (`bench/compression.py`).", "",
+          "[`ELASTIC.md`](ELASTIC.md) (`bench/elastic.py`); gradient compression, "
+          "[`COMPRESSION.md`](COMPRESSION.md) (`bench/compression.py`); stragglers and asynchronous updates, "
+          "[`ASYNC.md`](ASYNC.md) (`bench/async_ps.py`); and FedAvg's variants on non-iid clients, "
+          "[`FED.md`](FED.md) (`bench/fed_sweep.py`).", "",
           "## Targets", "",
           "| target | measured | limit | result |", "|---|---|---|---|"]
     L += [f"| {what} | {fmt(v)} | {rule} | {verdict(v, limit, rule)} |" for what, v, limit, rule in bench_targets(b)]
@@ -255,6 +257,9 @@ def records(folder):
     """The reference run's records: the scripts' (from HW5.ipynb), the notebook's own, and the bench's."""
     r = {name: load(os.path.join(folder, f"{name}.json")) for name in (*SCRIPTS, "allreduce_n4", "notebook")}
     r["bench"] = bench_records(os.path.join(folder, "bench"))
+    fed = os.path.join(folder, "fed")  # bench/fed_sweep.py's records: <split>_<label>.json
+    r["fed"] = {name[:-len(".json")]: load(os.path.join(fed, name))
+                for name in sorted(os.listdir(fed)) if name.endswith(".json")} if os.path.isdir(fed) else {}
     return r
 
 
@@ -417,6 +422,7 @@ def readme_fragments(R):
 
     F["q7-table"] = "\n".join(q7_table(b["ar"]) + ["", q7_note(b)])
     F["noniid"] = noniid_paragraph(iid, non)
+    F["drift"] = drift_paragraph(R["fed"])
     return {name: text if "\n" not in text and name.endswith("-wall") else wrap(text) for name, text in F.items()}
 
 
@@ -523,6 +529,37 @@ def noniid_paragraph(iid, non):
             f"Accuracy {'drops' if drop else 'goes'} from {pct(iid['final_test_acc'])} to "
             f"{pct(non['final_test_acc'])} with the same {plural(len(non['history']), 'round')}, and "
             f"{the_first_rounds_reach(non)} {first_rounds(non)} (iid: {first_rounds(iid)}).")
+
+
+def drift_paragraph(fed):
+    """What --measure-drift found on iid and on the shards, and the remedies on the shards after 10 rounds."""
+    iid, non = fed.get("iid_fedavg"), fed.get("non-iid_fedavg")
+    if not (iid and non):
+        return "The drift measurements have not run yet: `python bench/fed_sweep.py`."
+    d = lambda r, i: r["history"][i]["drift"]
+    mean = lambda xs: sum(x for x in xs if x is not None) / len([x for x in xs if x is not None])
+    last = len(non["history"]) - 1
+    text = (f"Measured with `--measure-drift` (`python bench/fed_sweep.py`, table in "
+            f"[`bench/FED.md`](bench/FED.md), figure `figures/client_drift.png`): after round 1 a client's "
+            f"model lies {mean(d(non, 0)['distance']):.3f} of the global model's norm from the new global model "
+            f"on the shards, against {mean(d(iid, 0)['distance']):.3f} with iid clients "
+            f"(round {last + 1}: {mean(d(non, last)['distance']):.3f} against {mean(d(iid, last)['distance']):.3f}). "
+            f"In round 1 the shard clients' models score {pct(mean(d(non, 0)['acc_own']))} on their own classes "
+            f"and {pct(mean(d(non, 0)['acc_other']))} on the others (iid clients: "
+            f"{pct(mean(d(iid, 0)['acc_own']))} on all ten); in round {last + 1}, "
+            f"{pct(mean(d(non, last)['acc_own']))} and {pct(mean(d(non, last)['acc_other']))}. The global "
+            f"model's weakest class ends at {pct(min(d(non, last)['global_class_acc']))} "
+            f"(iid: {pct(min(d(iid, last)['global_class_acc']))}).")
+    rivals = {label[len("non-iid_"):]: r for label, r in fed.items()
+              if label.startswith("non-iid_") and len(r["history"]) == len(non["history"])}
+    if len(rivals) > 1:
+        def name(c):
+            return {"fedavg": "FedAvg", "fedprox": f"FedProx (μ = {c['prox_mu']})", "scaffold": "SCAFFOLD",
+                    "fedavgm": f"FedAvgM (momentum {c['server_momentum']})"}[c["algorithm"]]
+        parts = [f"{name(r['config'])} {pct(r['final_test_acc'])}"
+                 for r in sorted(rivals.values(), key=lambda r: -r["final_test_acc"])]
+        text += f" The remedies on the shards, after the same {plural(last + 1, 'round')}: {', '.join(parts)}."
+    return text
 
 
 # ----------------------------------------------------------------------------- HW5.ipynb

@@ -238,3 +238,45 @@ def test_bench_tiny(tmp_path):
     assert {r["mode"] for r in record["runs"]} == {"sync", "ssp2", "async-lr", "serverless"}
     assert {r["straggler"] for r in record["runs"]} == {"none", "sleep3"}
     assert (tmp_path / "ASYNC.md").exists() and (tmp_path / "async.png").exists()
+
+
+def test_committed_table_is_rendered_from_the_records(tmp_path):
+    """bench/ASYNC.md holds no number that results/reference/async does not."""
+    from bench import async_ps as bench
+    out = os.path.join(ROOT, "results", "reference", "async")
+    with open(os.path.join(out, "async.json")) as f:
+        record = json.load(f)
+    bench.render(record, out, tmp_path / "ASYNC.md", tmp_path / "async.png")
+    with open(os.path.join(ROOT, "bench", "ASYNC.md")) as f:
+        assert f.read() == (tmp_path / "ASYNC.md").read_text(), "stale: python bench/async_ps.py --render-only"
+
+
+def test_bench_records_a_diverged_run_and_reuses_records_of_the_same_data(tmp_path):
+    """A run the script stopped for a nan loss is a row that says so, and does not count towards
+    the goals; a record is reused only when it was made with the bench's data flags."""
+    from bench import async_ps as bench
+    data = ["--dataset", "cifar10", "--epochs", "1"]
+    (tmp_path / "runs").mkdir()
+    def result(mode, samples_per_s, acc):  # one epoch of 10 steps of 4 x 8 or 8 samples
+        batch = 8
+        return dict(config=dict(dataset="cifar10", epochs=1, mode=mode, batch_size=batch), global_batch=4 * batch,
+                    steps=10 * (4 if mode != "sync" else 1), final_test_acc=acc,
+                    history=[dict(train_time=10 * 4 * batch / samples_per_s, epoch_time=5.0, test_acc=acc,
+                                  staleness={"0": 10} if mode != "sync" else {})])
+    runs = {"sync_none": result("sync", 100.0, 50.0), "async-m0.6_none": result("async", 150.0, 49.0),
+            "async_none": {"config": {"dataset": "cifar10", "epochs": "1"}, "diverged": "error: training diverged"}}
+    for name, r in runs.items():
+        (tmp_path / "runs" / f"{name}.json").write_text(json.dumps(r))
+    assert bench.same_data(str(tmp_path / "runs" / "sync_none.json"), data)
+    assert bench.same_data(str(tmp_path / "runs" / "async_none.json"), data)
+    assert not bench.same_data(str(tmp_path / "runs" / "sync_none.json"), ["--dataset", "cifar10", "--epochs", "2"])
+    assert not bench.same_data(str(tmp_path / "runs" / "ssp2_none.json"), data)
+    record = {"runs": [{"name": name, "straggler": "none", "mode": name.split("_")[0], "command": "",
+                        "results": f"runs/{name}.json"} for name in runs], "meta": {"date": "d", "tiny": False,
+                                                                                    "workers": 4, "cores": 2}}
+    bench.render(record, str(tmp_path), tmp_path / "ASYNC.md", tmp_path / "async.png")
+    text = (tmp_path / "ASYNC.md").read_text()
+    assert "| async | none | diverged" in text
+    assert "| async-m0.6 | none | 150.0 | 1.50 |" in text
+    # the diverged run does not count: the accuracy goal compares sync with async-m0.6 only
+    assert "| async accuracy vs sync, same samples (none): sync minus the better async, points | <= 2.0 | +1.00 | yes |" in text

@@ -9,6 +9,7 @@ SCAFFOLD with one plain SGD step per round must give FedSGD (its corrections the
 weighted average); every algorithm's bytes must match its formula; resume must be exact.
 """
 import json
+import os
 import re
 import subprocess
 import sys
@@ -220,7 +221,7 @@ def test_sweep_tiny_writes_records_table_and_figures(tmp_path):
     proc = subprocess.run([sys.executable, "bench/fed_sweep.py", "--tiny", "--out", tmp_path], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    table = (tmp_path / "sweep.md").read_text()
+    table = (tmp_path / "FED.md").read_text()
     for name in ("FedAvg", "FedProx, mu 0.001", "FedAvgM, momentum 0.3", "SCAFFOLD", "(SCAFFOLD's bytes)"):
         assert name in table, table
     assert table.count("\n| non-iid |") == 5, table
@@ -229,3 +230,11 @@ def test_sweep_tiny_writes_records_table_and_figures(tmp_path):
     # at the same bytes: the 2x-rounds FedAvg moved what SCAFFOLD moved
     rec = lambda name: json.loads((tmp_path / f"non-iid_{name}.json").read_text())["bytes_per_rank"]
     assert rec("fedavg_2x")[0]["bytes_sent"] == rec("scaffold")[0]["bytes_sent"]
+
+
+def test_committed_table_is_rendered_from_the_records(tmp_path):
+    """bench/FED.md holds no number that results/reference/fed does not."""
+    from bench import fed_sweep
+    fed_sweep.render(os.path.join(ROOT, "results", "reference", "fed"), False, tmp_path / "FED.md", tmp_path)
+    with open(os.path.join(ROOT, "bench", "FED.md")) as f:
+        assert f.read() == (tmp_path / "FED.md").read_text(), "stale: python bench/fed_sweep.py --render-only"
