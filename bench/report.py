@@ -550,14 +550,13 @@ def drift_paragraph(fed):
             f"{pct(mean(d(non, last)['acc_own']))} and {pct(mean(d(non, last)['acc_other']))}. The global "
             f"model's weakest class ends at {pct(min(d(non, last)['global_class_acc']))} "
             f"(iid: {pct(min(d(iid, last)['global_class_acc']))}).")
-    rivals = {label[len("non-iid_"):]: r for label, r in fed.items()
-              if label.startswith("non-iid_") and len(r["history"]) == len(non["history"])}
+    rivals = [r for r in fed.values() if r["split"] == non["split"] and len(r["history"]) == len(non["history"])]
     if len(rivals) > 1:
         def name(c):
             return {"fedavg": "FedAvg", "fedprox": f"FedProx (μ = {c['prox_mu']})", "scaffold": "SCAFFOLD",
                     "fedavgm": f"FedAvgM (momentum {c['server_momentum']})"}[c["algorithm"]]
         parts = [f"{name(r['config'])} {pct(r['final_test_acc'])}"
-                 for r in sorted(rivals.values(), key=lambda r: -r["final_test_acc"])]
+                 for r in sorted(rivals, key=lambda r: -r["final_test_acc"])]
         text += f" The remedies on the shards, after the same {plural(last + 1, 'round')}: {', '.join(parts)}."
     return text
 
