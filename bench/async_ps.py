@@ -97,8 +97,8 @@ def measure(out, tiny, epochs, stragglers, modes):
             print(f"$ {shown}", flush=True)
             status, error = run_logged(cmd)
             if status and error and "diverged" in error:  # a result, not a failure: record it
-                config = {flag[2:].replace("-", "_"): value for flag, value in zip(data[::2], data[1::2])}
-                utils.write_atomically(results, lambda f: json.dump({"config": config, "diverged": error}, f, indent=1))
+                marker = {"config": data_config(data), "diverged": error}
+                utils.write_atomically(results, lambda f: json.dump(marker, f, indent=1))
             elif status:
                 sys.exit(f"error: {name} ended with exit status {status}: {error}")
         if same_data(results, data):
@@ -137,7 +137,12 @@ def same_data(results, data):
         return False
     with open(results) as f:
         config = json.load(f)["config"]
-    return all(str(config[flag[2:].replace("-", "_")]) == value for flag, value in zip(data[::2], data[1::2]))
+    return all(str(config[key]) == value for key, value in data_config(data).items())
+
+
+def data_config(data):
+    """The data flags ["--train-size", "320", ...] as a results JSON's config keys: {"train_size": "320", ...}."""
+    return {flag[2:].replace("-", "_"): value for flag, value in zip(data[::2], data[1::2])}
 
 
 # ----------------------------------------------------------------------------- from the records

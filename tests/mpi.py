@@ -96,3 +96,9 @@ def in_process(script, *args, env=None):
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def assert_committed(name, rendered, command):
+    """The committed bench/<name> equals `rendered`, the file its records render to."""
+    with open(os.path.join(ROOT, "bench", name)) as committed, open(rendered) as fresh:
+        assert committed.read() == fresh.read(), f"stale: {command}"

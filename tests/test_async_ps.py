@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from extensions import async_ps
-from mpi import ROOT, check, in_process, mpirun, python
+from mpi import ROOT, assert_committed, check, in_process, mpirun, python
 
 BATCH, LR = 16, 0.05
 COMMON = ["--dataset", "synthetic", "--batch-size", BATCH]
@@ -247,8 +247,7 @@ def test_committed_table_is_rendered_from_the_records(tmp_path):
     with open(os.path.join(out, "async.json")) as f:
         record = json.load(f)
     bench.render(record, out, tmp_path / "ASYNC.md", tmp_path / "async.png")
-    with open(os.path.join(ROOT, "bench", "ASYNC.md")) as f:
-        assert f.read() == (tmp_path / "ASYNC.md").read_text(), "stale: python bench/async_ps.py --render-only"
+    assert_committed("ASYNC.md", tmp_path / "ASYNC.md", "python bench/async_ps.py --render-only")
 
 
 def test_bench_records_a_diverged_run_and_reuses_records_of_the_same_data(tmp_path):

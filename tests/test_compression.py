@@ -19,7 +19,7 @@ import torch
 
 import utils
 from extensions.compression import METHODS, record
-from mpi import ROOT, check, in_process, mpirun, python
+from mpi import ROOT, assert_committed, check, in_process, mpirun, python
 
 QUICK = ["--dataset", "synthetic", "--train-size", "512", "--max-steps", "3", "--batch-size", "16"]
 
@@ -216,6 +216,4 @@ def test_committed_table_is_rendered_from_the_records(tmp_path):
     with open(os.path.join(out, "compression.json")) as f:
         record = json.load(f)
     bench_compression.render(record, out, tmp_path / "COMPRESSION.md", tmp_path / "compression.png")
-    with open(os.path.join(ROOT, "bench", "COMPRESSION.md")) as f:
-        assert f.read() == (tmp_path / "COMPRESSION.md").read_text(), \
-            "stale: python bench/compression.py --render-only"
+    assert_committed("COMPRESSION.md", tmp_path / "COMPRESSION.md", "python bench/compression.py --render-only")

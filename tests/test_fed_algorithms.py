@@ -21,7 +21,7 @@ import torch
 import fed_avg
 import utils
 from extensions import drift, fed_algorithms
-from mpi import ROOT, check, mpirun
+from mpi import ROOT, assert_committed, check, mpirun
 from test_fed_avg import TOL, data_parallel_reference, synthetic_train
 
 # 5 unequal Dirichlet clients on 2 client ranks, 3 per round, Nesterov momentum 0.9
@@ -236,5 +236,4 @@ def test_committed_table_is_rendered_from_the_records(tmp_path):
     """bench/FED.md holds no number that results/reference/fed does not."""
     from bench import fed_sweep
     fed_sweep.render(os.path.join(ROOT, "results", "reference", "fed"), False, tmp_path / "FED.md", tmp_path)
-    with open(os.path.join(ROOT, "bench", "FED.md")) as f:
-        assert f.read() == (tmp_path / "FED.md").read_text(), "stale: python bench/fed_sweep.py --render-only"
+    assert_committed("FED.md", tmp_path / "FED.md", "python bench/fed_sweep.py --render-only")
