@@ -48,6 +48,7 @@ import utils
 from extensions import drift, elastic, fed_algorithms
 
 SERVER = 0
+TABLE = 1  # the tag of the round statistics; the weights go with tag 0
 # Q5: change to "non-iid" (or pass --split-method non-iid) to give each client only a few classes.
 split_method = "iid"
 
@@ -377,10 +378,21 @@ def make_shards(args, y_train, comm):
 
 
 def round_table(row, comm):
-    """Every rank's row of round statistics, to every rank (an all-gather, waited for quietly)."""
+    """Every rank's row of round statistics, to every rank: the rows to the server, the table back.
+
+    An all-gather, point to point and waited for quietly. Not comm.Iallgather: under --elastic a
+    rank can die inside it, and Open MPI's non-blocking collectives then free a send they still
+    have pending, whose failure kills the job (seen)."""
     row = np.array(row, dtype=np.float64)
     table = np.empty((comm.Get_size(), len(row)))
-    wait_quietly([comm.Iallgather(row, table)])
+    others = range(1, comm.Get_size())
+    if comm.Get_rank() == SERVER:
+        table[SERVER] = row
+        wait_quietly([comm.Irecv(table[r], source=r, tag=TABLE) for r in others])
+        wait_quietly([comm.Isend(table, dest=r, tag=TABLE) for r in others])
+    else:
+        wait_quietly([comm.Isend(row, dest=SERVER, tag=TABLE)])
+        wait_quietly([comm.Irecv(table, source=SERVER, tag=TABLE)])
     return table
 
 

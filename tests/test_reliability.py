@@ -178,7 +178,7 @@ CENT = [*QUICK, *RUNS["cent_sgd.py"][1]]
 BAD_INPUT = [
     ("dist_sgd_param_server.py", None, [], "at least one worker"),
     ("fed_avg.py", None, [], "needs a server and at least one client"),
-    ("fed_avg.py", 2, ["--dataset", "synthetic", "--num-clients", 6000], "cannot split 5000 samples"),
+    slow("fed_avg.py", 2, ["--dataset", "synthetic", "--num-clients", 6000], "cannot split 5000 samples"),
     ("dist_sgd_serverless.py", 2, ["--allreduce", "butterfly"], "invalid choice"),
     ("fed_avg.py", None, ["--split-method", "dirichlet"], "invalid choice"),
     ("dist_sgd_param_server.py", None, ["--dataset", "imagenet"], "invalid choice"),
