@@ -550,14 +550,20 @@ def drift_paragraph(fed):
             f"{pct(mean(d(non, last)['acc_own']))} and {pct(mean(d(non, last)['acc_other']))}. The global "
             f"model's weakest class ends at {pct(min(d(non, last)['global_class_acc']))} "
             f"(iid: {pct(min(d(iid, last)['global_class_acc']))}).")
-    rivals = [r for r in fed.values() if r["split"] == non["split"] and len(r["history"]) == len(non["history"])]
-    if len(rivals) > 1:
-        def name(c):
-            return {"fedavg": "FedAvg", "fedprox": f"FedProx (μ = {c['prox_mu']})", "scaffold": "SCAFFOLD",
-                    "fedavgm": f"FedAvgM (momentum {c['server_momentum']})"}[c["algorithm"]]
-        parts = [f"{name(r['config'])} {pct(r['final_test_acc'])}"
-                 for r in sorted(rivals, key=lambda r: -r["final_test_acc"])]
-        text += f" The remedies on the shards, after the same {plural(last + 1, 'round')}: {', '.join(parts)}."
+    def name(c):
+        return {"fedavg": "FedAvg", "fedprox": f"FedProx (μ = {c['prox_mu']})", "scaffold": "SCAFFOLD",
+                "fedavgm": f"FedAvgM (momentum {c['server_momentum']})"}[c["algorithm"]]
+
+    def remedies(split):  # each algorithm's final accuracy on `split`, best first, after as many rounds
+        rivals = [r for r in fed.values() if r["split"] == split and len(r["history"]) == len(non["history"])]
+        return [f"{name(r['config'])} {pct(r['final_test_acc'])}"
+                for r in sorted(rivals, key=lambda r: -r["final_test_acc"])] if len(rivals) > 1 else []
+    if remedies(non["split"]):
+        text += (f" The remedies on the shards, after the same {plural(last + 1, 'round')}: "
+                 f"{', '.join(remedies(non['split']))}.")
+    for split in sorted({r["split"] for r in fed.values()} - {iid["split"], non["split"]}):
+        if remedies(split):
+            text += f" With a {split.split(', ')[-1]} split: {', '.join(remedies(split))}."
     return text
 
 
