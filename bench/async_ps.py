@@ -16,7 +16,9 @@ runs one after another, each as its own mpirun job with the same data, seed and 
   async-m0.6-lr0.025 also halves the lr, to sync's lr per sample (linear scaling from the
   batch of 256 to that of 64); it is the best of five probes, lr 0.025 with momentum 0.9,
   0.6, 0.3, 0 and lr 0.0125 with momentum 0.6, one epoch each without a straggler, picked on
-  their test accuracy (records in probes/; --probes runs them).
+  their test accuracy (records in probes/; --probes runs them). --longer E runs sync and
+  async-m0.6-lr0.025 for E epochs without a straggler (records in longer/), for the accuracy
+  gap after each epoch.
 A run that diverges (the script's "training diverged" error) is recorded as such.
 Every run applies every batch of every epoch once, so all see the same training samples.
 From each results JSON it takes the throughput in training samples whose gradients were
@@ -60,6 +62,7 @@ MODES = {"sync": ["--mode", "sync"], "ssp2": ["--mode", "ssp", "--staleness", "2
 ASYNC = [mode for mode in MODES if mode.startswith("async")]
 TARGETS = {"async_vs_sync_throughput": 1.8, "async_accuracy_points": 2.0}
 PROBES = [(0.025, 0.9), (0.025, 0.6), (0.025, 0.3), (0.025, 0.0), (0.0125, 0.6)]  # async (lr, momentum)
+LONGER = ("sync", "async-m0.6-lr0.025")  # --longer: does async's accuracy gap shrink with more epochs?
 
 
 def runs(tiny, stragglers=tuple(STRAGGLERS), modes=tuple(MODES)):
@@ -118,6 +121,18 @@ def probe(out, epochs):
             status, error = run_logged(cmd + ["--lr", str(lr), "--momentum", str(momentum)])
             if status:
                 sys.exit(f"error: the probe at lr {lr:g}, momentum {momentum:g} ended with exit status {status}: {error}")
+
+
+def longer(out, epochs):
+    """sync and the best async mode without a straggler, for `epochs` epochs each, into longer/: the
+    accuracy gap after each epoch. Each run's lr schedule spans its own epochs."""
+    for mode in LONGER:
+        results = os.path.join(out, "longer", f"{mode}_{epochs}ep.json")
+        if not os.path.exists(results):
+            status, error = run_logged(command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)],
+                                               results))
+            if status:
+                sys.exit(f"error: {mode} over {epochs} epochs ended with exit status {status}: {error}")
 
 
 def run_logged(cmd):
@@ -212,6 +227,17 @@ def render(record, out, md_path, fig_path):
             with open(path) as f:
                 r = json.load(f)
             lines.append(f"| {r['config']['lr']:g} | {r['config']['momentum']:g} | {r['final_test_acc']:.2f}% |")
+    for path in sorted(glob.glob(os.path.join(out, "longer", f"{LONGER[0]}_*ep.json"))):
+        with open(path) as f:
+            sync_run = json.load(f)
+        with open(path.replace(f"{os.sep}{LONGER[0]}_", f"{os.sep}{LONGER[1]}_")) as f:
+            async_run = json.load(f)
+        pairs = list(zip(sync_run["history"], async_run["history"]))
+        lines += ["", f"Longer runs (`--longer {len(pairs)}`), no straggler: test accuracy after each epoch of "
+                  f"{len(pairs)}-epoch runs (the lr schedule spans the {len(pairs)} epochs).", "",
+                  f"| epoch | {LONGER[0]} | {LONGER[1]} | gap, points |", "|---|---|---|---|"]
+        lines += [f"| {a['epoch']} | {a['test_acc']:.2f}% | {b['test_acc']:.2f}% | {a['test_acc'] - b['test_acc']:+.2f} |"
+                  for a, b in pairs]
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     by = {(row["mode"], row["straggler"]): row for row in rows}
     for s in ("sleep3", "busy3"):
@@ -271,6 +297,8 @@ def main():
                         help="run only these straggler settings")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="run only these modes")
     parser.add_argument("--probes", action="store_true", help="first run the lr and momentum probes (see above)")
+    parser.add_argument("--longer", type=int, metavar="EPOCHS",
+                        help=f"first run {' and '.join(LONGER)}, no straggler, for EPOCHS epochs each (into longer/)")
     args = parser.parse_args()
     if args.tiny and not args.out:
         parser.error("--tiny needs --out, so that a smoke test never overwrites the committed records")
@@ -283,6 +311,8 @@ def main():
     else:
         if args.probes:
             probe(out, args.epochs)
+        if args.longer:
+            longer(out, args.longer)
         record = measure(out, args.tiny, args.epochs, args.stragglers, args.modes)
     render(record, out, md, fig)
     print(f"wrote {os.path.relpath(md, ROOT)} and {os.path.relpath(fig, ROOT)}", flush=True)
