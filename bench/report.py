@@ -558,12 +558,12 @@ def drift_paragraph(fed):
         rivals = [r for r in fed.values() if r["split"] == split and len(r["history"]) == len(non["history"])]
         return [f"{name(r['config'])} {pct(r['final_test_acc'])}"
                 for r in sorted(rivals, key=lambda r: -r["final_test_acc"])] if len(rivals) > 1 else []
-    if remedies(non["split"]):
-        text += (f" The remedies on the shards, after the same {plural(last + 1, 'round')}: "
-                 f"{', '.join(remedies(non['split']))}.")
-    for split in sorted({r["split"] for r in fed.values()} - {iid["split"], non["split"]}):
-        if remedies(split):
-            text += f" With a {split.split(', ')[-1]} split: {', '.join(remedies(split))}."
+    for split in [non["split"], *sorted({r["split"] for r in fed.values()} - {iid["split"], non["split"]})]:
+        parts = remedies(split)
+        if parts and split == non["split"]:
+            text += f" The remedies on the shards, after the same {plural(last + 1, 'round')}: {', '.join(parts)}."
+        elif parts:
+            text += f" With a {split.split(', ')[-1]} split: {', '.join(parts)}."
     return text
 
 
