@@ -29,9 +29,9 @@ round is one data-parallel SGD step whose gradient weights client k by n_k (FedS
 tests check. The lr follows a one-cycle schedule over each client's local steps of the run.
 Results go to results/fed_avg_<split>.json, the split's plot to figures/data_distribution_<split>.png.
 
-Beyond the assignment, through one hook each: --algorithm fedprox|fedavgm|scaffold picks a
-variant from extensions/fed_algorithms.py, which may amend the client's step, send more beside
-the weights, and set the new global weights otherwise than the average; --measure-drift records
+Beyond the assignment, through one hook each: --algorithm fedprox|fedavgm|scaffold|fedrs|fedlc
+picks a variant from extensions/fed_algorithms.py, which may amend the client's loss and step,
+send more beside the weights, and set the new global weights otherwise than the average; --measure-drift records
 each client rank's model against the global one each round (extensions/drift.py); --elastic
 goes on without a client rank that dies, its clients moved to the others (extensions/elastic.py).
 With the defaults (fedavg, no drift) the script computes what it computed without them, bit for bit.
@@ -210,11 +210,13 @@ def local_steps(shard_size, args):
     return min(steps, args.max_steps or steps)
 
 
-def client_update(model, train, shard, client, round_, args, step_=fed_algorithms.plain_step):
+def client_update(model, train, shard, client, round_, args, step_=fed_algorithms.plain_step,
+                  loss_fn=torch.nn.functional.cross_entropy):
     """ClientUpdate(k, w): train `model`, which holds the global weights w, for --local-epochs
     passes over client k's shard. The optimizer is new each round: momentum does not carry
     over from a model the server has since replaced. `step_(optimizer, lr)` takes each step:
-    optimizer.step(), which FedProx and SCAFFOLD amend (--algorithm). Returns (summed loss, steps)."""
+    optimizer.step(), which FedProx and SCAFFOLD amend; FedRS and FedLC amend `loss_fn`, the
+    cross-entropy (--algorithm). Returns (summed loss, steps)."""
     x_train, y_train = train
     optimizer = utils.make_optimizer(model.parameters(), args)
     steps = local_steps(len(shard), args)
@@ -224,7 +226,7 @@ def client_update(model, train, shard, client, round_, args, step_=fed_algorithm
         lr = utils.lr_at(round_ * steps + s, args.rounds * steps, args.lr, args.warmup)
         utils.set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=False)  # keep .grad as views into the flat buffer
-        loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
+        loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip, loss_fn)
         step_(optimizer, lr)
     return loss_sum.item(), steps
 
@@ -263,7 +265,8 @@ def client_round(model, flat_params, sums, train, shards, clients, round_, args,
     loss_sum, n_steps = 0.0, 0
     for k in clients:
         flat_params.copy_(global_weights)
-        loss, steps = client_update(model, train, shards[k], k, round_, args, algo.local_step(k, global_weights))
+        loss, steps = client_update(model, train, shards[k], k, round_, args, algo.local_step(k, global_weights),
+                                    algo.local_loss(k, train[1][shards[k]]))
         algo.client_done_(k, len(shards[k]), global_weights)
         sums[:-1] += len(shards[k]) * flat_params  # n_k w_k
         sums[-1] += len(shards[k])                 # n_k
@@ -321,10 +324,15 @@ def parse_args(world_size):
     # beyond the assignment: extensions/fed_algorithms.py, extensions/drift.py
     parser.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg",
                         help="fedavg (McMahan et al. 2017), fedprox (Li et al. 2020), fedavgm (Hsu et al. "
-                             "2019) or scaffold (Karimireddy et al. 2020)")
+                             "2019), scaffold (Karimireddy et al. 2020), fedrs (Li and Zhan 2021) or fedlc "
+                             "(Zhang et al. 2022)")
     parser.add_argument("--prox-mu", type=float, default=None, help="fedprox: mu of (mu/2)||w - w_global||^2; default 0.01")
     parser.add_argument("--server-momentum", type=float, default=None, help="fedavgm: server momentum; default 0.9")
     parser.add_argument("--server-lr", type=float, default=None, help="fedavgm, scaffold: server lr; default 1")
+    parser.add_argument("--rs-alpha", type=float, default=None,
+                        help="fedrs: scale of the logits of a client's missing classes; default 0.5")
+    parser.add_argument("--lc-tau", type=float, default=None,
+                        help="fedlc: tau of the calibration logit_c - tau n_c^(-1/4); default 1")
     parser.add_argument("--measure-drift", action="store_true",
                         help="record each round each client rank's distance from the new global model and "
                              "per-class accuracies (costs the server a test pass per client rank)")

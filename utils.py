@@ -549,9 +549,9 @@ def make_optimizer(params, args):
                            weight_decay=args.weight_decay)
 
 
-def train_step(model, x, y, flip):
+def train_step(model, x, y, flip, loss_fn=F.cross_entropy):
     """Forward and backward on one batch (or one rank's share of it); returns its mean loss."""
-    loss = F.cross_entropy(model(normalize(x, flip)), y)
+    loss = loss_fn(model(normalize(x, flip)), y)
     loss.backward()
     return loss.detach()
 

@@ -289,6 +289,20 @@ def pct(x):
     return f"{x:.2f}%"
 
 
+def algorithm_name(c):
+    """fed_avg.py's --algorithm and the settings it read, from a record's config: 'FedProx (mu 0.01)'."""
+    a = c["algorithm"]
+    if a == "fedprox":
+        return f"FedProx (mu {c['prox_mu']:g})"
+    if a == "fedavgm":
+        return f"FedAvgM (momentum {c['server_momentum']:g}, server lr {c['server_lr']:g})"
+    if a == "fedrs":
+        return f"FedRS (alpha {c['rs_alpha']:g})"
+    if a == "fedlc":
+        return f"FedLC (tau {c['lc_tau']:g})"
+    return {"fedavg": "FedAvg", "scaffold": "SCAFFOLD"}[a]
+
+
 def minutes(seconds):
     return f"{seconds / 60:.1f} min"
 
@@ -550,13 +564,10 @@ def drift_paragraph(fed):
             f"{pct(mean(d(non, last)['acc_own']))} and {pct(mean(d(non, last)['acc_other']))}. The global "
             f"model's weakest class ends at {pct(min(d(non, last)['global_class_acc']))} "
             f"(iid: {pct(min(d(iid, last)['global_class_acc']))}).")
-    def name(c):
-        return {"fedavg": "FedAvg", "fedprox": f"FedProx (μ = {c['prox_mu']})", "scaffold": "SCAFFOLD",
-                "fedavgm": f"FedAvgM (momentum {c['server_momentum']})"}[c["algorithm"]]
 
     def remedies(split):  # each algorithm's final accuracy on `split`, best first, after as many rounds
         rivals = [r for r in fed.values() if r["split"] == split and len(r["history"]) == len(non["history"])]
-        return [f"{name(r['config'])} {pct(r['final_test_acc'])}"
+        return [f"{algorithm_name(r['config'])} {pct(r['final_test_acc'])}"
                 for r in sorted(rivals, key=lambda r: -r["final_test_acc"])] if len(rivals) > 1 else []
     for split in [non["split"], *sorted({r["split"] for r in fed.values()} - {iid["split"], non["split"]})]:
         parts = remedies(split)

@@ -75,7 +75,7 @@ def check(args):
         utils.fail("--elastic works with the synchronous parameter server only (--mode sync)")
     if getattr(args, "algorithm", "fedavg") == "scaffold":
         utils.fail("--elastic cannot move SCAFFOLD's client control variates, which die with their rank: "
-                   "use --algorithm fedavg, fedprox or fedavgm")
+                   "use --algorithm fedavg, fedprox, fedavgm, fedrs or fedlc")
 
 
 class ShrinkingComm:

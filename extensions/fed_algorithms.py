@@ -1,14 +1,17 @@
-"""FedAvg variants for fed_avg.py's --algorithm: FedProx, FedAvgM and SCAFFOLD.
+"""FedAvg variants for fed_avg.py's --algorithm: FedProx, FedAvgM, SCAFFOLD, FedRS and FedLC.
 
     mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm fedprox --prox-mu 0.01
     mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm fedavgm --server-momentum 0.5
     mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm scaffold
+    mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm fedrs --rs-alpha 0.5
+    mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm fedlc --lc-tau 1
 
-An algorithm is a class with four hooks, which fed_avg.py calls where each acts; FedAvg, the
+An algorithm is a class with five hooks, which fed_avg.py calls where each acts; FedAvg, the
 base, leaves every one of them as the assignment computes it (tests check it bit for bit):
   downloads, uploads   tensors sent beside the global weights (down) and beside [sum n_k w_k,
                        sum n_k] (up), each by the script's own send_global_model_ and
                        reduce_weighted_sums_, so that utils.Traffic counts their bytes;
+  local_loss(k, labels) client k's loss, (logits, targets) -> loss, given all its training labels;
   local_step(k, w)     the function that takes client k's optimizer step, (optimizer, lr) -> None;
   client_done_(k, n_k, w)   after client k's local steps, with its weights in the model;
   server_update_(flat_params, average)   the new global weights, from the old ones (still in
@@ -24,7 +27,9 @@ checkpoint and takes back its own clients' c_k. (The server cannot rebuild c_k i
 rank uploads the sum over the clients it ran, not each y_k.)
 """
 import torch
+import torch.nn.functional as F
 
+NUM_CLASSES = 10  # CIFAR-10's, and the synthetic set's
 CONTROL_TAG = 7  # SCAFFOLD's c_k on their way to the server's checkpoint copy
 
 
@@ -35,6 +40,9 @@ class FedAvg:
     def __init__(self, args, flat_params, flat_grads, sizes):
         self.args, self.params, self.grads, self.sizes = args, flat_params, flat_grads, sizes
         self.downloads, self.uploads = [], []
+
+    def local_loss(self, k, labels):
+        return F.cross_entropy
 
     def local_step(self, k, global_weights):
         return plain_step
@@ -168,11 +176,44 @@ class Scaffold(FedAvg):
         self.client_controls = {k: row.to(self.params.device) for k, row in enumerate(self.all_controls)}
 
 
-VARIANTS = {"fedprox": FedProx, "fedavgm": FedAvgM, "scaffold": Scaffold}
+class FedRS(FedAvg):
+    """Li and Zhan 2021, "FedRS: Federated Learning with Restricted Softmax for Label
+    Distribution Non-IID Data": client k multiplies the logits of the classes it has no samples
+    of by alpha in [0, 1] before the softmax. Its steps then push those classes' outputs down
+    less, which FedAvg's clients do until they score 0% on them (--measure-drift's "other
+    classes"). alpha = 1 is FedAvg."""
+
+    def local_loss(self, k, labels):
+        present = torch.bincount(labels, minlength=NUM_CLASSES) > 0
+        scale = torch.where(present, 1.0, self.args.rs_alpha).to(torch.float32)
+
+        def restricted_softmax_loss(logits, y):
+            return F.cross_entropy(logits * scale, y)
+        return restricted_softmax_loss
+
+
+class FedLC(FedAvg):
+    """Zhang et al. 2022, "Federated Learning with Label Distribution Skew via Logits
+    Calibration" (FedLC): client k's loss is the cross-entropy of logit_c - tau n_kc^(-1/4) for
+    each class c, where n_kc is its number of samples of c. A rare class's logit is lowered
+    more, so the client must raise it more to fit that class: its steps lean less towards its
+    frequent classes. A class it has no samples of gets -inf (the formula at n_kc = 0), which
+    leaves that class out of its softmax altogether."""
+
+    def local_loss(self, k, labels):
+        counts = torch.bincount(labels, minlength=NUM_CLASSES).to(torch.float32)
+        shift = self.args.lc_tau * counts.pow(-0.25)  # 0 ** -0.25 = inf: the missing classes
+
+        def calibrated_loss(logits, y):
+            return F.cross_entropy(logits - shift, y)
+        return calibrated_loss
+
+
+VARIANTS = {"fedprox": FedProx, "fedavgm": FedAvgM, "scaffold": Scaffold, "fedrs": FedRS, "fedlc": FedLC}
 
 # flag -> (the algorithms that read it, its default for them)
 FLAGS = {"prox_mu": (("fedprox",), 0.01), "server_momentum": (("fedavgm",), 0.9),
-         "server_lr": (("fedavgm", "scaffold"), 1.0)}
+         "server_lr": (("fedavgm", "scaffold"), 1.0), "rs_alpha": (("fedrs",), 0.5), "lc_tau": (("fedlc",), 1.0)}
 
 
 def check_args(args):
@@ -190,4 +231,8 @@ def check_args(args):
         return f"--server-momentum must be in [0, 1), got {args.server_momentum}"
     if args.server_lr is not None and not args.server_lr > 0:
         return f"--server-lr must be > 0, got {args.server_lr}"
+    if args.rs_alpha is not None and not 0 <= args.rs_alpha <= 1:
+        return f"--rs-alpha must be in [0, 1], got {args.rs_alpha}"
+    if args.lc_tau is not None and not args.lc_tau > 0:
+        return f"--lc-tau must be > 0, got {args.lc_tau}"
     return None

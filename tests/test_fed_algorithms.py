@@ -4,7 +4,7 @@
     pytest -q -m slow tests/test_fed_algorithms.py    # under mpirun: neutral settings, bytes, drift,
                                                       # SCAFFOLD = FedSGD, resume, the sweep
 
-FedProx with mu 0 and FedAvgM with momentum 0 and server lr 1 must give FedAvg's bits;
+FedProx with mu 0, FedAvgM with momentum 0 and server lr 1, and FedRS with alpha 1 must give FedAvg's bits;
 SCAFFOLD with one plain SGD step per round must give FedSGD (its corrections then cancel in the
 weighted average); every algorithm's bytes must match its formula; resume must be exact.
 """
@@ -57,9 +57,13 @@ SCAFFOLD_BYTES = (lambda P: 2 * P, lambda P: 2 * P + 1)
 
 # ----------------------------------------------------------------------------- in one process
 
+def unset(algorithm, **flags):
+    """Parsed flags as fed_avg.py hands them over: every algorithm flag None unless given."""
+    return SimpleNamespace(**dict(dict.fromkeys(fed_algorithms.FLAGS), algorithm=algorithm, checkpoint=None, **flags))
+
+
 def args_for(algorithm, **flags):
-    args = SimpleNamespace(**dict(dict(algorithm=algorithm, prox_mu=None, server_momentum=None, server_lr=None,
-                                       checkpoint=None), **flags))
+    args = unset(algorithm, **flags)
     assert fed_algorithms.check_args(args) is None
     return args
 
@@ -70,15 +74,45 @@ def args_for(algorithm, **flags):
     ("fedprox", dict(prox_mu=-1), "--prox-mu must be >= 0"),
     ("fedavgm", dict(server_momentum=1.0), "--server-momentum must be in"),
     ("fedavgm", dict(server_lr=0.0), "--server-lr must be > 0"),
+    ("fedlc", dict(rs_alpha=0.5), "--rs-alpha applies to --algorithm fedrs, not fedlc"),
+    ("fedrs", dict(rs_alpha=1.5), "--rs-alpha must be in [0, 1]"),
+    ("fedlc", dict(lc_tau=0.0), "--lc-tau must be > 0"),
 ])
 def test_flags_an_algorithm_ignores_or_cannot_use_are_refused(algorithm, flags, message):
-    args = SimpleNamespace(**dict(dict(algorithm=algorithm, prox_mu=None, server_momentum=None, server_lr=None), **flags))
-    assert message in fed_algorithms.check_args(args)
+    assert message in fed_algorithms.check_args(unset(algorithm, **flags))
 
 
 def test_defaults_are_filled_in_for_the_chosen_algorithm_only():
     assert vars(args_for("fedavgm"))["server_momentum"] == 0.9 and args_for("fedavgm").prox_mu is None
     assert args_for("fedprox").prox_mu == 0.01 and args_for("scaffold").server_lr == 1.0
+    assert args_for("fedrs").rs_alpha == 0.5 and args_for("fedlc").lc_tau == 1.0 and args_for("fedlc").rs_alpha is None
+
+
+# a client that holds classes 2 (three samples) and 7 (one), and a batch of it
+LABELS = torch.tensor([2, 7, 2, 2])
+LOGITS = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+
+
+def test_fedrs_scales_only_the_missing_classes_logits():
+    loss = fed_algorithms.FedRS(args_for("fedrs", rs_alpha=0.3), None, None, [4]).local_loss(0, LABELS)
+    scaled = LOGITS * 0.3
+    scaled[:, [2, 7]] = LOGITS[:, [2, 7]]
+    assert torch.allclose(loss(LOGITS, LABELS), torch.nn.functional.cross_entropy(scaled, LABELS))
+    plain = fed_algorithms.FedRS(args_for("fedrs", rs_alpha=1.0), None, None, [4]).local_loss(0, LABELS)
+    assert torch.equal(plain(LOGITS, LABELS), torch.nn.functional.cross_entropy(LOGITS, LABELS))
+
+
+def test_fedlc_is_a_softmax_over_the_clients_classes_of_calibrated_logits():
+    loss = fed_algorithms.FedLC(args_for("fedlc", lc_tau=2.0), None, None, [4]).local_loss(0, LABELS)
+    # by hand: only classes 2 and 7 compete, logit_c lowered by 2 n_c^(-1/4) with n = (3, 1)
+    calibrated = LOGITS[:, [2, 7]] - 2.0 * torch.tensor([3.0, 1.0]) ** -0.25
+    expected = torch.nn.functional.cross_entropy(calibrated, (LABELS == 7).long())
+    logits = LOGITS.clone().requires_grad_()
+    got = loss(logits, LABELS)
+    assert torch.allclose(got, expected)
+    got.backward()
+    missing = [c for c in range(10) if c not in (2, 7)]
+    assert torch.isfinite(logits.grad).all() and torch.equal(logits.grad[:, missing], torch.zeros(4, 8))
 
 
 def test_fedavgm_is_server_momentum_on_the_averaged_update():
@@ -116,7 +150,9 @@ def test_scaffold_server_keeps_c_the_weighted_mean_of_the_client_controls():
 # ----------------------------------------------------------------------------- end to end
 
 NEUTRAL = {"fedavg": [], "fedprox": ["--algorithm", "fedprox", "--prox-mu", 0, "--measure-drift"],
-           "fedavgm": ["--algorithm", "fedavgm", "--server-momentum", 0, "--server-lr", 1]}
+           "fedavgm": ["--algorithm", "fedavgm", "--server-momentum", 0, "--server-lr", 1],
+           "fedrs": ["--algorithm", "fedrs", "--rs-alpha", 1]}
+RUNS = {**NEUTRAL, "fedlc": ["--algorithm", "fedlc"]}  # FedLC has no neutral setting: its default
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +163,7 @@ def skewed(tmp_path_factory):
 
     class Runs(dict):
         def __missing__(self, name):
-            self[name] = run(tmp, name, *SKEWED, *NEUTRAL[name])
+            self[name] = run(tmp, name, *SKEWED, *RUNS[name])
             return self[name]
     return Runs()
 
@@ -135,7 +171,7 @@ def skewed(tmp_path_factory):
 # FedAvgM's server step with momentum 0 and server lr 1 is checked bit for bit above, in one
 # process; its end-to-end run goes in the slow tier, to keep the default one short.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fedprox", "fedavgm"])
+@pytest.mark.parametrize("name", ["fedprox", "fedavgm", "fedrs"])
 def test_neutral_settings_give_fedavg_bit_for_bit(skewed, name):
     """With them the hooks run but change nothing; so does --measure-drift (on the FedProx run)."""
     result, got, _ = skewed[name]
@@ -146,7 +182,7 @@ def test_neutral_settings_give_fedavg_bit_for_bit(skewed, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedrs", "fedlc"])
 def test_weights_only_algorithms_move_fedavgs_bytes(skewed, name):
     result, _, _ = skewed[name]
     assert result["bytes_per_rank"] == expected_bytes(result, *FEDAVG_BYTES)
@@ -222,9 +258,11 @@ def test_sweep_tiny_writes_records_table_and_figures(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = (tmp_path / "FED.md").read_text()
-    for name in ("FedAvg", "FedProx, mu 0.001", "FedAvgM, momentum 0.3", "SCAFFOLD", "(SCAFFOLD's bytes)"):
+    for name in ("FedAvg", "FedProx (mu 0.001)", "FedAvgM (momentum 0.3", "SCAFFOLD", "(SCAFFOLD's bytes)",
+                 "FedRS (alpha 0.5)", "FedLC (tau 1)"):
         assert name in table, table
-    assert table.count("\n| non-iid |") == 5, table
+    assert table.count("\n| non-iid |") == 7, table
+    assert re.search(r"^\| FedRS \(alpha 0.5\) \| [\d.]+ \| [\d.]+ \|", table, re.M), table  # its drift row
     for png in ("fed_sweep_non-iid.png", "client_drift.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     # at the same bytes: the 2x-rounds FedAvg moved what SCAFFOLD moved
