@@ -327,8 +327,9 @@ def parse_args(world_size):
                              "2019), scaffold (Karimireddy et al. 2020), fedrs (Li and Zhan 2021) or fedlc "
                              "(Zhang et al. 2022)")
     parser.add_argument("--prox-mu", type=float, default=None, help="fedprox: mu of (mu/2)||w - w_global||^2; default 0.01")
-    parser.add_argument("--server-momentum", type=float, default=None, help="fedavgm: server momentum; default 0.9")
-    parser.add_argument("--server-lr", type=float, default=None, help="fedavgm, scaffold: server lr; default 1")
+    parser.add_argument("--server-momentum", type=float, default=None,
+                        help="fedavgm: server momentum, default 0.9; fedrs, fedlc: default 0")
+    parser.add_argument("--server-lr", type=float, default=None, help="fedavgm, scaffold, fedrs, fedlc: server lr; default 1")
     parser.add_argument("--rs-alpha", type=float, default=None,
                         help="fedrs: scale of the logits of a client's missing classes; default 0.5")
     parser.add_argument("--lc-tau", type=float, default=None,

@@ -10,8 +10,10 @@
    the other splits then use the same two values, untuned.
 2. Every split of --splits (default: iid; non-iid shards; Dirichlet 0.1 and 0.5): FedAvg,
    FedProx (best mu), FedAvgM (best momentum) and SCAFFOLD; on the non-iid splits also the
-   label-skew fixes, untuned, at their papers' settings: FedRS (alpha 0.5) and FedLC (tau 1).
-   (On iid every client holds every class: FedRS is then FedAvg, and FedLC nearly so.)
+   label-skew fixes, untuned, at their papers' settings: FedRS (alpha 0.5) and FedLC (tau 1),
+   each alone and with the best momentum's server step (a fix of the client's loss and one of
+   the server's update combine). On iid every client holds every class: FedRS is then FedAvg,
+   and FedLC nearly so.
 3. FedAvg on iid with --measure-drift, which changes no bit of the training, for
    figures/client_drift.png beside the shards' FedAvg (also measured), whatever --splits is.
 4. Every split: FedAvg at SCAFFOLD's byte budget. SCAFFOLD moves twice FedAvg's bytes per
@@ -48,7 +50,7 @@ LABEL_SKEW = {"fedrs": ["--algorithm", "fedrs", "--rs-alpha", "0.5"],  # the set
               "fedlc": ["--algorithm", "fedlc", "--lc-tau", "1"]}      # papers recommend
 ISSUE_TARGET = 69.4  # issue 16's goal on the shards, set when FedAvg reached 62.72% there and 76.03% iid
 # Records whose train s is not the machine's alone: another job shared the 2 cores for part of the run
-SHARED_CORES = {"non-iid_alpha0.1_fedavg", "non-iid_alpha0.1_fedprox_mu0.01"}
+SHARED_CORES = {"non-iid_alpha0.1_fedavg", "non-iid_alpha0.1_fedprox_mu0.01", "non-iid_fedrs"}
 
 
 def fed_avg(out, split, label, flags, args):
@@ -88,7 +90,11 @@ def sweep(out, args):
                              ("scaffold", ["--algorithm", "scaffold"])):
             runs[split][label] = runs[split].get(label) or fed_avg(out, split, label, flags, args)
         for label, flags in LABEL_SKEW.items() if split != "iid" else ():  # on the shards: did they keep
-            runs[split][label] = fed_avg(out, split, label, flags + ["--measure-drift"] * (split == TUNE_SPLIT), args)
+            drift = ["--measure-drift"] * (split == TUNE_SPLIT)                # the other classes?
+            runs[split][label] = fed_avg(out, split, label, flags + drift, args)
+            momentum = beta[len("fedavgm_b"):]
+            runs[split][f"{label}_b{momentum}"] = fed_avg(out, split, f"{label}_b{momentum}",
+                                                           flags + ["--server-momentum", momentum] + drift, args)
     # the drift figure always sets iid against the shards, whichever splits are compared
     runs.setdefault("iid", {})["fedavg"] = fed_avg(out, "iid", "fedavg", ["--measure-drift"], args)
     for split in args.splits:
@@ -137,7 +143,13 @@ def render(out, tiny, md_path, fig_dir):
                   f"({hw['cores']} cores, GPU: {hw['gpu'] or 'none'}). One seed per run: differences of a point or "
                   f"two may be noise.", ""]
     tuned = {prefix: max((r["final_test_acc"], label) for label, r in tune.items() if label.startswith(prefix))[1]
-             for prefix in ("fedprox_mu", "fedavgm_b") if any(label.startswith(prefix) for label in tune)}
+             [len(prefix):] for prefix in ("fedprox_mu", "fedavgm_b") if any(label.startswith(prefix) for label in tune)}
+
+    def untuned(split, label):  # a mu or momentum other than the tuned one, outside the tuning runs
+        if label.startswith("fedprox_mu"):
+            return split != TUNE_SPLIT and label[len("fedprox_mu"):] != tuned["fedprox_mu"]
+        fix, _, beta = label.partition("_b")
+        return bool(beta) and (split != TUNE_SPLIT or fix != "fedavgm") and beta != tuned["fedavgm_b"]
     for split, runs in records.items():
         fig = Figure(figsize=(7, 4.5))
         ax = fig.subplots()
@@ -146,8 +158,7 @@ def render(out, tiny, md_path, fig_dir):
             clients = r["bytes_per_rank"][1:]
             mb = sum(b["bytes_sent"] + b["bytes_recv"] for b in clients) / len(clients) / 1e6
             shared = "*" if f"{split}_{label}" in SHARED_CORES and not tiny else ""
-            untuned = split != TUNE_SPLIT and any(label.startswith(p) and label != t for p, t in tuned.items())
-            lines.append(f"| {split} | {describe(label, r)}{' (†)' * untuned} | {len(h)} | {r['final_test_acc']:.2f} | "
+            lines.append(f"| {split} | {describe(label, r)}{' (†)' * untuned(split, label)} | {len(h)} | {r['final_test_acc']:.2f} | "
                          f"{max(x['test_acc'] for x in h):.2f} | {mb:.1f} | {sum(x['round_time'] for x in h):.0f}{shared} |")
             scale = 0.5 if label == "fedavg_2x" else 1  # its 2 rounds cost SCAFFOLD's 1 in bytes
             ax.plot([x["round"] * scale for x in h], [x["test_acc"] for x in h], marker=".", label=describe(label, r))
@@ -177,7 +188,7 @@ def render(out, tiny, md_path, fig_dir):
                          f"{mean(da['acc_own']):.2f} | {mean(db['acc_own']):.2f} | {mean(db['acc_other']):.2f} | "
                          f"{min(da['global_class_acc']):.2f} | {min(db['global_class_acc']):.2f} |")
     fixes = [(describe(label, r), r) for label, r in tune.items()
-             if label in ("fedavg", *LABEL_SKEW) and all("drift" in h for h in r["history"])]
+             if (label == "fedavg" or label.partition("_b")[0] in LABEL_SKEW) and all("drift" in h for h in r["history"])]
     if len(fixes) > 1:  # what the label-skew fixes did to the clients' forgetting of their missing classes
         lines += ["", f"The label-skew fixes on {TUNE_SPLIT}, measured the same way: the client models' mean test "
                   "accuracy on their own classes and on the others, and the new global model's weakest class.", "",

@@ -296,10 +296,11 @@ def algorithm_name(c):
         return f"FedProx (mu {c['prox_mu']:g})"
     if a == "fedavgm":
         return f"FedAvgM (momentum {c['server_momentum']:g}, server lr {c['server_lr']:g})"
+    momentum = f" + server momentum {c['server_momentum']:g}" if c.get("server_momentum") else ""
     if a == "fedrs":
-        return f"FedRS (alpha {c['rs_alpha']:g})"
+        return f"FedRS (alpha {c['rs_alpha']:g}{momentum})"
     if a == "fedlc":
-        return f"FedLC (tau {c['lc_tau']:g})"
+        return f"FedLC (tau {c['lc_tau']:g}{momentum})"
     return {"fedavg": "FedAvg", "scaffold": "SCAFFOLD"}[a]
 
 

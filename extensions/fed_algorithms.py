@@ -176,12 +176,13 @@ class Scaffold(FedAvg):
         self.client_controls = {k: row.to(self.params.device) for k, row in enumerate(self.all_controls)}
 
 
-class FedRS(FedAvg):
+class FedRS(FedAvgM):
     """Li and Zhan 2021, "FedRS: Federated Learning with Restricted Softmax for Label
     Distribution Non-IID Data": client k multiplies the logits of the classes it has no samples
     of by alpha in [0, 1] before the softmax. Its steps then push those classes' outputs down
     less, which FedAvg's clients do until they score 0% on them (--measure-drift's "other
-    classes"). alpha = 1 is FedAvg."""
+    classes"). alpha = 1 is FedAvg. A fix of the client's loss, it combines with FedAvgM's
+    server step (--server-momentum, default 0: FedAvg's)."""
 
     def local_loss(self, k, labels):
         present = torch.bincount(labels, minlength=NUM_CLASSES) > 0
@@ -192,13 +193,14 @@ class FedRS(FedAvg):
         return restricted_softmax_loss
 
 
-class FedLC(FedAvg):
+class FedLC(FedAvgM):
     """Zhang et al. 2022, "Federated Learning with Label Distribution Skew via Logits
     Calibration" (FedLC): client k's loss is the cross-entropy of logit_c - tau n_kc^(-1/4) for
     each class c, where n_kc is its number of samples of c. A rare class's logit is lowered
     more, so the client must raise it more to fit that class: its steps lean less towards its
     frequent classes. A class it has no samples of gets -inf (the formula at n_kc = 0), which
-    leaves that class out of its softmax altogether."""
+    leaves that class out of its softmax altogether. Like FedRS, it combines with FedAvgM's
+    server step (--server-momentum, default 0: FedAvg's)."""
 
     def local_loss(self, k, labels):
         counts = torch.bincount(labels, minlength=NUM_CLASSES).to(torch.float32)
@@ -211,20 +213,22 @@ class FedLC(FedAvg):
 
 VARIANTS = {"fedprox": FedProx, "fedavgm": FedAvgM, "scaffold": Scaffold, "fedrs": FedRS, "fedlc": FedLC}
 
-# flag -> (the algorithms that read it, its default for them)
-FLAGS = {"prox_mu": (("fedprox",), 0.01), "server_momentum": (("fedavgm",), 0.9),
-         "server_lr": (("fedavgm", "scaffold"), 1.0), "rs_alpha": (("fedrs",), 0.5), "lc_tau": (("fedlc",), 1.0)}
+# flag -> {an algorithm that reads it: its default there}
+FLAGS = {"prox_mu": {"fedprox": 0.01},
+         "server_momentum": {"fedavgm": 0.9, "fedrs": 0.0, "fedlc": 0.0},
+         "server_lr": {"fedavgm": 1.0, "scaffold": 1.0, "fedrs": 1.0, "fedlc": 1.0},
+         "rs_alpha": {"fedrs": 0.5}, "lc_tau": {"fedlc": 1.0}}
 
 
 def check_args(args):
     """Fill in the defaults of the flags the chosen algorithm reads; return an error message for
     a flag it would ignore, or a value out of range, else None."""
-    for flag, (users, default) in FLAGS.items():
+    for flag, users in FLAGS.items():
         name = "--" + flag.replace("_", "-")
         if getattr(args, flag) is not None and args.algorithm not in users:
             return f"{name} applies to --algorithm {' or '.join(users)}, not {args.algorithm}"
         if args.algorithm in users and getattr(args, flag) is None:
-            setattr(args, flag, default)
+            setattr(args, flag, users[args.algorithm])
     if args.prox_mu is not None and args.prox_mu < 0:
         return f"--prox-mu must be >= 0, got {args.prox_mu}"
     if args.server_momentum is not None and not 0 <= args.server_momentum < 1:

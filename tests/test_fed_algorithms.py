@@ -70,7 +70,7 @@ def args_for(algorithm, **flags):
 
 @pytest.mark.parametrize("algorithm, flags, message", [
     ("fedavg", dict(prox_mu=0.1), "--prox-mu applies to --algorithm fedprox, not fedavg"),
-    ("scaffold", dict(server_momentum=0.5), "--server-momentum applies to --algorithm fedavgm"),
+    ("scaffold", dict(server_momentum=0.5), "--server-momentum applies to --algorithm fedavgm or fedrs or fedlc"),
     ("fedprox", dict(prox_mu=-1), "--prox-mu must be >= 0"),
     ("fedavgm", dict(server_momentum=1.0), "--server-momentum must be in"),
     ("fedavgm", dict(server_lr=0.0), "--server-lr must be > 0"),
@@ -86,6 +86,8 @@ def test_defaults_are_filled_in_for_the_chosen_algorithm_only():
     assert vars(args_for("fedavgm"))["server_momentum"] == 0.9 and args_for("fedavgm").prox_mu is None
     assert args_for("fedprox").prox_mu == 0.01 and args_for("scaffold").server_lr == 1.0
     assert args_for("fedrs").rs_alpha == 0.5 and args_for("fedlc").lc_tau == 1.0 and args_for("fedlc").rs_alpha is None
+    # the label-skew fixes take FedAvg's server step unless given a server momentum
+    assert args_for("fedrs").server_momentum == 0.0 and args_for("fedlc").server_lr == 1.0
 
 
 # a client that holds classes 2 (three samples) and 7 (one), and a batch of it
@@ -94,16 +96,16 @@ LOGITS = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
 
 
 def test_fedrs_scales_only_the_missing_classes_logits():
-    loss = fed_algorithms.FedRS(args_for("fedrs", rs_alpha=0.3), None, None, [4]).local_loss(0, LABELS)
+    loss = fed_algorithms.FedRS(args_for("fedrs", rs_alpha=0.3), torch.zeros(1), None, [4]).local_loss(0, LABELS)
     scaled = LOGITS * 0.3
     scaled[:, [2, 7]] = LOGITS[:, [2, 7]]
     assert torch.allclose(loss(LOGITS, LABELS), torch.nn.functional.cross_entropy(scaled, LABELS))
-    plain = fed_algorithms.FedRS(args_for("fedrs", rs_alpha=1.0), None, None, [4]).local_loss(0, LABELS)
+    plain = fed_algorithms.FedRS(args_for("fedrs", rs_alpha=1.0), torch.zeros(1), None, [4]).local_loss(0, LABELS)
     assert torch.equal(plain(LOGITS, LABELS), torch.nn.functional.cross_entropy(LOGITS, LABELS))
 
 
 def test_fedlc_is_a_softmax_over_the_clients_classes_of_calibrated_logits():
-    loss = fed_algorithms.FedLC(args_for("fedlc", lc_tau=2.0), None, None, [4]).local_loss(0, LABELS)
+    loss = fed_algorithms.FedLC(args_for("fedlc", lc_tau=2.0), torch.zeros(1), None, [4]).local_loss(0, LABELS)
     # by hand: only classes 2 and 7 compete, logit_c lowered by 2 n_c^(-1/4) with n = (3, 1)
     calibrated = LOGITS[:, [2, 7]] - 2.0 * torch.tensor([3.0, 1.0]) ** -0.25
     expected = torch.nn.functional.cross_entropy(calibrated, (LABELS == 7).long())
@@ -129,6 +131,20 @@ def test_fedavgm_is_server_momentum_on_the_averaged_update():
         old = old - 0.7 * v
         beta.server_update_(beta.params, avg)
         assert (beta.params - old).abs().max() < 1e-5 and not torch.equal(beta.params, avg)
+
+
+def test_label_skew_fixes_take_fedavgms_server_step():
+    torch.manual_seed(0)
+    w, average = torch.randn(100), torch.randn(100)
+    m = fed_algorithms.FedAvgM(args_for("fedavgm", server_momentum=0.3), w.clone(), None, [1])
+    m.server_update_(m.params, average)
+    for name, variant in (("fedrs", fed_algorithms.FedRS), ("fedlc", fed_algorithms.FedLC)):
+        fix = variant(args_for(name, server_momentum=0.3), w.clone(), None, [1])
+        fix.server_update_(fix.params, average)
+        assert torch.equal(fix.params, m.params)
+        plain = variant(args_for(name), w.clone(), None, [1])  # default: FedAvg's step, the average
+        plain.server_update_(plain.params, average)
+        assert torch.equal(plain.params, average)
 
 
 def test_scaffold_server_keeps_c_the_weighted_mean_of_the_client_controls():
@@ -259,9 +275,9 @@ def test_sweep_tiny_writes_records_table_and_figures(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = (tmp_path / "FED.md").read_text()
     for name in ("FedAvg", "FedProx (mu 0.001)", "FedAvgM (momentum 0.3", "SCAFFOLD", "(SCAFFOLD's bytes)",
-                 "FedRS (alpha 0.5)", "FedLC (tau 1)"):
+                 "FedRS (alpha 0.5)", "FedLC (tau 1)", "FedRS (alpha 0.5 + server momentum 0.3)"):
         assert name in table, table
-    assert table.count("\n| non-iid |") == 7, table
+    assert table.count("\n| non-iid |") == 9, table
     assert re.search(r"^\| FedRS \(alpha 0.5\) \| [\d.]+ \| [\d.]+ \|", table, re.M), table  # its drift row
     for png in ("fed_sweep_non-iid.png", "client_drift.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
