@@ -565,15 +565,29 @@ def drift_paragraph(fed):
             f"{pct(mean(d(non, last)['acc_own']))} and {pct(mean(d(non, last)['acc_other']))}. The global "
             f"model's weakest class ends at {pct(min(d(non, last)['global_class_acc']))} "
             f"(iid: {pct(min(d(iid, last)['global_class_acc']))}).")
+    fixes = [r for key, r in sorted(fed.items()) if r["split"] == non["split"] and key != "non-iid_fedavg"
+             and r["config"]["algorithm"] in ("fedrs", "fedlc") and all("drift" in h for h in r["history"])]
+    if fixes:  # the label-skew fixes act on exactly this: the classes a client lacks
+        text += (f" With the label-skew fixes the clients' models still score on the other classes in round {last + 1}: "
+                 + ", ".join(f"{pct(mean(d(r, last)['acc_other']))} with {algorithm_name(r['config'])}" for r in fixes)
+                 + ".")
 
     def remedies(split):  # each algorithm's final accuracy on `split`, best first, after as many rounds
         rivals = [r for r in fed.values() if r["split"] == split and len(r["history"]) == len(non["history"])]
+        if split == non["split"]:  # the mu and momentum were tuned here: each algorithm at its best value
+            best = {}
+            for r in rivals:
+                c = r["config"]
+                kind = (c["algorithm"], bool(c.get("server_momentum")) and c["algorithm"] != "fedavgm")
+                best[kind] = max(best.get(kind, r), r, key=lambda r: r["final_test_acc"])
+            rivals = list(best.values())
         return [f"{algorithm_name(r['config'])} {pct(r['final_test_acc'])}"
                 for r in sorted(rivals, key=lambda r: -r["final_test_acc"])] if len(rivals) > 1 else []
     for split in [non["split"], *sorted({r["split"] for r in fed.values()} - {iid["split"], non["split"]})]:
         parts = remedies(split)
         if parts and split == non["split"]:
-            text += f" The remedies on the shards, after the same {plural(last + 1, 'round')}: {', '.join(parts)}."
+            text += (f" The remedies on the shards, after the same {plural(last + 1, 'round')}, each with the best "
+                     f"μ or momentum of the sweep: {', '.join(parts)}.")
         elif parts:
             text += f" With a {split.split(', ')[-1]} split: {', '.join(parts)}."
     return text
