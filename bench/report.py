@@ -565,7 +565,7 @@ def drift_paragraph(fed):
             f"{pct(mean(d(non, last)['acc_own']))} and {pct(mean(d(non, last)['acc_other']))}. The global "
             f"model's weakest class ends at {pct(min(d(non, last)['global_class_acc']))} "
             f"(iid: {pct(min(d(iid, last)['global_class_acc']))}).")
-    fixes = [r for key, r in sorted(fed.items()) if r["split"] == non["split"] and key != "non-iid_fedavg"
+    fixes = [r for _, r in sorted(fed.items()) if r["split"] == non["split"]
              and r["config"]["algorithm"] in ("fedrs", "fedlc") and all("drift" in h for h in r["history"])]
     if fixes:  # the label-skew fixes act on exactly this: the classes a client lacks
         text += (f" With the label-skew fixes the clients' models still score on the other classes in round {last + 1}: "

@@ -11,7 +11,7 @@ base, leaves every one of them as the assignment computes it (tests check it bit
   downloads, uploads   tensors sent beside the global weights (down) and beside [sum n_k w_k,
                        sum n_k] (up), each by the script's own send_global_model_ and
                        reduce_weighted_sums_, so that utils.Traffic counts their bytes;
-  local_loss(k, labels) client k's loss, (logits, targets) -> loss, given all its training labels;
+  local_loss(k, labels)   client k's loss, (logits, targets) -> loss, given its training labels;
   local_step(k, w)     the function that takes client k's optimizer step, (optimizer, lr) -> None;
   client_done_(k, n_k, w)   after client k's local steps, with its weights in the model;
   server_update_(flat_params, average)   the new global weights, from the old ones (still in
