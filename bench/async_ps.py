@@ -116,11 +116,9 @@ def probe(out, epochs):
     """The async runs that picked async-m0.6-lr0.025's lr and momentum: no straggler, into probes/."""
     for lr, momentum in PROBES:
         results = os.path.join(out, "probes", f"async_lr{lr:g}_m{momentum:g}.json")
-        if not os.path.exists(results):
-            cmd = command("async", "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
-            status, error = run_logged(cmd + ["--lr", str(lr), "--momentum", str(momentum)])
-            if status:
-                sys.exit(f"error: the probe at lr {lr:g}, momentum {momentum:g} ended with exit status {status}: {error}")
+        cmd = command("async", "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
+        run_missing(results, cmd + ["--lr", str(lr), "--momentum", str(momentum)],
+                    f"the probe at lr {lr:g}, momentum {momentum:g}")
 
 
 def longer(out, epochs):
@@ -128,11 +126,16 @@ def longer(out, epochs):
     accuracy gap after each epoch. Each run's lr schedule spans its own epochs."""
     for mode in LONGER:
         results = os.path.join(out, "longer", f"{mode}_{epochs}ep.json")
-        if not os.path.exists(results):
-            status, error = run_logged(command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)],
-                                               results))
-            if status:
-                sys.exit(f"error: {mode} over {epochs} epochs ended with exit status {status}: {error}")
+        run_missing(results, command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results),
+                    f"{mode} over {epochs} epochs")
+
+
+def run_missing(results, cmd, what):
+    """Run `cmd` unless its record `results` exists; end the bench if it fails."""
+    if not os.path.exists(results):
+        status, error = run_logged(cmd)
+        if status:
+            sys.exit(f"error: {what} ended with exit status {status}: {error}")
 
 
 def run_logged(cmd):

@@ -79,8 +79,7 @@ def sweep(out, args):
     for beta in args.momenta:
         tune[f"fedavgm_b{beta:g}"] = fed_avg(out, TUNE_SPLIT, f"fedavgm_b{beta:g}",
                                              ["--algorithm", "fedavgm", "--server-momentum", str(beta)], args)
-    best = lambda prefix: max((r["final_test_acc"], label) for label, r in tune.items() if label.startswith(prefix))[1]
-    mu, beta = best("fedprox"), best("fedavgm")
+    mu, beta = best_label(tune, "fedprox"), best_label(tune, "fedavgm")
     print(f"tuned on {TUNE_SPLIT}: {mu}, {beta}", flush=True)
     for split in args.splits:
         base = runs[split].get("fedavg") or fed_avg(out, split, "fedavg", ["--measure-drift"] * (split == "iid"), args)
@@ -103,6 +102,11 @@ def sweep(out, args):
         rounds = 2 * base["config"]["rounds"]
         runs[split]["fedavg_2x"] = fed_avg(out, split, "fedavg_2x", ["--rounds", str(rounds), "--max-steps", str(half)], args)
     return runs
+
+
+def best_label(runs, prefix):
+    """The label starting with `prefix` whose run reached the highest final test accuracy."""
+    return max((r["final_test_acc"], label) for label, r in runs.items() if label.startswith(prefix))[1]
 
 
 def describe(label, record):
@@ -142,8 +146,8 @@ def render(out, tiny, md_path, fig_dir):
                   f"clients), {c['local_epochs']} local epoch per round, seed {c['seed']}, on {hw['cpu']} "
                   f"({hw['cores']} cores, GPU: {hw['gpu'] or 'none'}). One seed per run: differences of a point or "
                   f"two may be noise.", ""]
-    tuned = {prefix: max((r["final_test_acc"], label) for label, r in tune.items() if label.startswith(prefix))[1]
-             [len(prefix):] for prefix in ("fedprox_mu", "fedavgm_b") if any(label.startswith(prefix) for label in tune)}
+    tuned = {prefix: best_label(tune, prefix)[len(prefix):]
+             for prefix in ("fedprox_mu", "fedavgm_b") if any(label.startswith(prefix) for label in tune)}
 
     def untuned(split, label):  # a mu or momentum other than the tuned one, outside the tuning runs
         if label.startswith("fedprox_mu"):
