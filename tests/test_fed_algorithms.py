@@ -174,7 +174,7 @@ RUNS = {**NEUTRAL, "fedlc": ["--algorithm", "fedlc"]}  # FedLC has no neutral se
 @pytest.fixture(scope="module")
 def skewed(tmp_path_factory):
     """skewed[name]: FedAvg, FedProx with mu 0 (measuring drift), FedAvgM with momentum 0 and
-    server lr 1, each run once, when a test first asks for it."""
+    server lr 1, FedRS with alpha 1, FedLC at its default, each run once, when a test first asks for it."""
     tmp = tmp_path_factory.mktemp("skewed")
 
     class Runs(dict):
