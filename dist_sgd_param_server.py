@@ -175,10 +175,10 @@ def parse_args(world_size):
     if world_size < 2:
         utils.fail("a parameter server needs at least one worker: run with mpirun -n 2 or more "
                    "(rank 0 is the server, ranks 1..N-1 the workers)")
-    async_ps.check(args)
+    async_ps.check(args, world_size - 1)
     stragglers.check(args, world_size, first=1)
     elastic.check(args)
-    # sync: one step applies W x --batch-size samples; async, ssp: one worker's --batch-size
+    # sync: one step applies W x --batch-size samples; async, ssp: one worker's --batch-size (--dana sets its own)
     args.lr = args.lr or utils.scaled_lr((world_size - 1 if args.mode == "sync" else 1) * args.batch_size)
     return args
 

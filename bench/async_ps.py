@@ -16,9 +16,17 @@ runs one after another, each as its own mpirun job with the same data, seed and 
   async-m0.6-lr0.025 also halves the lr, to sync's lr per sample (linear scaling from the
   batch of 256 to that of 64); it is the best of five probes, lr 0.025 with momentum 0.9,
   0.6, 0.3, 0 and lr 0.0125 with momentum 0.6, one epoch each without a straggler, picked on
-  their test accuracy (records in probes/; --probes runs them). --longer E runs sync and
-  async-m0.6-lr0.025 for E epochs without a straggler (records in longer/), for the accuracy
-  gap after each epoch.
+  their test accuracy (records in probes/; --probes runs them). async-dana keeps sync's
+  momentum, with one momentum buffer per worker (DANA-Zero, Hakimi et al. 2019; see
+  extensions/async_ps.py), so that the stale gradients do not compound in one buffer; its
+  default lr, sync's over W, gives it sync's lr per sample. Four DANA probes (lr 0.025,
+  0.0177 and 0.0125 with momentum 0.9, lr 0.025 with 0.8) show no trend in lr beyond the
+  spread of repeated runs, so async-dana keeps its default, untuned. --longer E runs sync, async-m0.6-lr0.025 and async-dana
+  for E epochs without a straggler (records in longer/), for the accuracy gap after each
+  epoch. Async runs are not reproducible (gradients arrive in another order each time), so
+  one run per setting cannot tell a small gap: --seeds runs the same three without a
+  straggler with seeds 1 and 2 as well (records in seeds/), and the gap is also given
+  between their means over the three seeds.
 A run that diverges (the script's "training diverged" error) is recorded as such.
 Every run applies every batch of every epoch once, so all see the same training samples.
 From each results JSON it takes the throughput in training samples whose gradients were
@@ -58,11 +66,15 @@ MODES = {"sync": ["--mode", "sync"], "ssp2": ["--mode", "ssp", "--staleness", "2
          "ssp2-lr": ["--mode", "ssp", "--staleness", "2", "--staleness-lr"], "async": ["--mode", "async"],
          "async-lr": ["--mode", "async", "--staleness-lr"],
          "async-m0.6": ["--mode", "async", "--momentum", "0.6"],
-         "async-m0.6-lr0.025": ["--mode", "async", "--momentum", "0.6", "--lr", "0.025"], "serverless": None}
+         "async-m0.6-lr0.025": ["--mode", "async", "--momentum", "0.6", "--lr", "0.025"],
+         "async-dana": ["--mode", "async", "--dana"], "serverless": None}
 ASYNC = [mode for mode in MODES if mode.startswith("async")]
 TARGETS = {"async_vs_sync_throughput": 1.8, "async_accuracy_points": 2.0}
-PROBES = [(0.025, 0.9), (0.025, 0.6), (0.025, 0.3), (0.025, 0.0), (0.0125, 0.6)]  # async (lr, momentum)
-LONGER = ("sync", "async-m0.6-lr0.025")  # --longer: does async's accuracy gap shrink with more epochs?
+PROBES = [("async", 0.025, 0.9), ("async", 0.025, 0.6), ("async", 0.025, 0.3), ("async", 0.025, 0.0),
+          ("async", 0.0125, 0.6), ("async-dana", 0.025, 0.9), ("async-dana", 0.0177, 0.9),
+          ("async-dana", 0.0125, 0.9), ("async-dana", 0.025, 0.8)]  # (mode, lr, momentum)
+LONGER = ("sync", "async-m0.6-lr0.025", "async-dana")  # --longer: does async's gap shrink with more epochs?
+SEEDS, SEEDED = (1, 2), ("sync", "async-m0.6-lr0.025", "async-dana")  # --seeds: the same runs with other seeds
 
 
 def runs(tiny, stragglers=tuple(STRAGGLERS), modes=tuple(MODES)):
@@ -113,21 +125,31 @@ def measure(out, tiny, epochs, stragglers, modes):
 
 
 def probe(out, epochs):
-    """The async runs that picked async-m0.6-lr0.025's lr and momentum: no straggler, into probes/."""
-    for lr, momentum in PROBES:
-        results = os.path.join(out, "probes", f"async_lr{lr:g}_m{momentum:g}.json")
-        cmd = command("async", "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
+    """The runs that picked async-m0.6-lr0.025's lr and momentum, and async-dana's around its
+    default: no straggler, into probes/."""
+    for mode, lr, momentum in PROBES:
+        results = os.path.join(out, "probes", f"{mode}_lr{lr:g}_m{momentum:g}.json")
+        cmd = command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
         run_missing(results, cmd + ["--lr", str(lr), "--momentum", str(momentum)],
-                    f"the probe at lr {lr:g}, momentum {momentum:g}")
+                    f"the {mode} probe at lr {lr:g}, momentum {momentum:g}")
 
 
 def longer(out, epochs):
-    """sync and the best async mode without a straggler, for `epochs` epochs each, into longer/: the
+    """sync and the best async modes without a straggler, for `epochs` epochs each, into longer/: the
     accuracy gap after each epoch. Each run's lr schedule spans its own epochs."""
     for mode in LONGER:
         results = os.path.join(out, "longer", f"{mode}_{epochs}ep.json")
         run_missing(results, command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results),
                     f"{mode} over {epochs} epochs")
+
+
+def seeds(out, epochs):
+    """SEEDED without a straggler, with each of SEEDS, into seeds/ (seed 0 is the table's run)."""
+    for seed in SEEDS:
+        for mode in SEEDED:
+            results = os.path.join(out, "seeds", f"{mode}_seed{seed}.json")
+            cmd = command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
+            run_missing(results, cmd + ["--seed", str(seed)], f"{mode} with seed {seed}")
 
 
 def run_missing(results, cmd, what):
@@ -224,25 +246,39 @@ def render(record, out, md_path, fig_path):
                   "the runs that ended within the fastest run's time."]
     probes = sorted(glob.glob(os.path.join(out, "probes", "*.json")))
     if probes:
-        lines += ["", "Probes (`--probes`), async without a straggler, picking async-m0.6-lr0.025's values on "
-                  "test accuracy:", "", "| lr | momentum | test acc |", "|---|---|---|"]
+        lines += ["", "Probes (`--probes`), without a straggler: the async runs that picked async-m0.6-lr0.025's "
+                  "lr and momentum on test accuracy, and four of async-dana around its default (lr 0.025, "
+                  "momentum 0.9), which it keeps:", "", "| mode | lr | momentum | test acc |", "|---|---|---|---|"]
         for path in probes:
             with open(path) as f:
                 r = json.load(f)
-            lines.append(f"| {r['config']['lr']:g} | {r['config']['momentum']:g} | {r['final_test_acc']:.2f}% |")
+            lines.append(f"| async{'-dana' if r['config'].get('dana') else ''} | {r['config']['lr']:g} | "
+                         f"{r['config']['momentum']:g} | {r['final_test_acc']:.2f}% |")
     for path in sorted(glob.glob(os.path.join(out, "longer", f"{LONGER[0]}_*ep.json"))):
-        with open(path) as f:
-            sync_run = json.load(f)
-        with open(path.replace(f"{os.sep}{LONGER[0]}_", f"{os.sep}{LONGER[1]}_")) as f:
-            async_run = json.load(f)
-        pairs = list(zip(sync_run["history"], async_run["history"]))
-        lines += ["", f"Longer runs (`--longer {len(pairs)}`), no straggler: test accuracy after each epoch of "
-                  f"{len(pairs)}-epoch runs (the lr schedule spans the {len(pairs)} epochs).", "",
-                  f"| epoch | {LONGER[0]} | {LONGER[1]} | gap, points |", "|---|---|---|---|"]
-        lines += [f"| {a['epoch']} | {a['test_acc']:.2f}% | {b['test_acc']:.2f}% | {a['test_acc'] - b['test_acc']:+.2f} |"
-                  for a, b in pairs]
-    lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
+        by_mode = {}
+        for mode in LONGER:
+            mode_path = path.replace(f"{os.sep}{LONGER[0]}_", f"{os.sep}{mode}_")
+            if os.path.exists(mode_path):
+                with open(mode_path) as f:
+                    by_mode[mode] = json.load(f)["history"]
+        epochs_, others = len(by_mode[LONGER[0]]), [m for m in LONGER[1:] if m in by_mode]
+        lines += ["", f"Longer runs (`--longer {epochs_}`), no straggler: test accuracy after each epoch of "
+                  f"{epochs_}-epoch runs (the lr schedule spans the {epochs_} epochs); the gap is sync's lead.", "",
+                  "| epoch | " + " | ".join([LONGER[0]] + [f"{m} | gap, points" for m in others]) + " |",
+                  "|---|" + "---|---|" * len(others) + "---|"]
+        for i, h in enumerate(by_mode[LONGER[0]]):
+            cells = [f"{h['test_acc']:.2f}%"] + [f"{by_mode[m][i]['test_acc']:.2f}% | "
+                                                  f"{h['test_acc'] - by_mode[m][i]['test_acc']:+.2f}" for m in others]
+            lines.append(f"| {h['epoch']} | " + " | ".join(cells) + " |")
     by = {(row["mode"], row["straggler"]): row for row in rows}
+    means = seed_means(out, by)
+    if means:
+        lines += ["", "Seeds (`--seeds`), no straggler: the same runs with other seeds (seed 0 is the table's).",
+                  "", "| run | " + " | ".join(f"seed {s}" for s in (0, *SEEDS)) + " | mean |",
+                  "|---|" + "---|" * (len(SEEDS) + 2)]
+        lines += [f"| {mode} | " + " | ".join(f"{a:.2f}%" for a in accs) + f" | {sum(accs) / len(accs):.2f}% |"
+                  for mode, accs in means.items()]
+    lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for s in ("sleep3", "busy3"):
         if any((m, s) in by for m in ASYNC):
             best = max(by[m, s]["samples_per_s"] or 0 for m in ASYNC if (m, s) in by)
@@ -261,10 +297,30 @@ def render(record, out, md_path, fig_path):
             lines.append(f"| async accuracy vs sync, same samples ({s}): sync minus the better async, points | "
                          f"<= {TARGETS['async_accuracy_points']} | {gap:+.2f} | "
                          f"{'yes' if gap <= TARGETS['async_accuracy_points'] else 'no'} |")
+    if "sync" in means and len(means) > 1:
+        mean = {mode: sum(accs) / len(accs) for mode, accs in means.items()}
+        gap = mean["sync"] - max(a for mode, a in mean.items() if mode != "sync")
+        lines.append(f"| async accuracy vs sync, same samples (none), mean of {len(SEEDS) + 1} seeds: sync minus the "
+                     f"better async, points | <= {TARGETS['async_accuracy_points']} | {gap:+.2f} | "
+                     f"{'yes' if gap <= TARGETS['async_accuracy_points'] else 'no'} |")
     lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in record["runs"]]
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, fig_path)
+
+
+def seed_means(out, by):
+    """{mode: [test acc with seed 0, 1, ...]} for the SEEDED modes whose every seed has a record."""
+    means = {}
+    for mode in SEEDED:
+        paths = [os.path.join(out, "seeds", f"{mode}_seed{seed}.json") for seed in SEEDS]
+        if (mode, "none") in by and by[mode, "none"]["acc"] is not None and all(map(os.path.exists, paths)):
+            accs = [by[mode, "none"]["acc"]]
+            for path in paths:
+                with open(path) as f:
+                    accs.append(json.load(f)["final_test_acc"])
+            means[mode] = accs
+    return means
 
 
 def plot(rows, path):
@@ -300,6 +356,8 @@ def main():
                         help="run only these straggler settings")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="run only these modes")
     parser.add_argument("--probes", action="store_true", help="first run the lr and momentum probes (see above)")
+    parser.add_argument("--seeds", action="store_true",
+                        help=f"first run {', '.join(SEEDED)}, no straggler, with seeds {SEEDS} (into seeds/)")
     parser.add_argument("--longer", type=int, metavar="EPOCHS",
                         help=f"first run {' and '.join(LONGER)}, no straggler, for EPOCHS epochs each (into longer/)")
     args = parser.parse_args()
@@ -316,6 +374,8 @@ def main():
             probe(out, args.epochs)
         if args.longer:
             longer(out, args.longer)
+        if args.seeds:
+            seeds(out, args.epochs)
         record = measure(out, args.tiny, args.epochs, args.stragglers, args.modes)
     render(record, out, md, fig)
     print(f"wrote {os.path.relpath(md, ROOT)} and {os.path.relpath(fig, ROOT)}", flush=True)

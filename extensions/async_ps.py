@@ -23,6 +23,17 @@ worker's read and its application; every tau goes into the epoch's histogram.
 --staleness-lr (Zhang et al. 2016, "Staleness-aware Async-SGD for Distributed Deep
 Learning") divides an update's lr by max(1, tau).
 
+--dana (Hakimi et al. 2019, "Taming Momentum in a Distributed Asynchronous Environment",
+DANA-Zero): the server keeps one momentum buffer per worker, and applies each worker's
+gradient with that worker's buffer. DANA sends each worker the weights where the next W
+updates are expected to take them, theta - lr momentum (v_1 + ... + v_W), so that a gradient
+is computed close to where it will be applied. Kept in Nesterov's lookahead form, as torch's
+SGD keeps its weights, that is exactly one torch Nesterov step per gradient with the sender's
+own buffer (tests check the two forms agree). Round robin, W updates then act like one
+synchronous step of W batches at W x the lr, with the same momentum: so --dana's default lr
+is the synchronous server's over W. With one shared buffer instead, the stale gradients
+of all workers compound in it (Mitliagkas et al. 2016), and the lr and momentum must come down.
+
 Data and schedule: a step here is one worker's gradient of --batch-size samples. Each epoch
 walks the batches of utils.epoch_order in batches of --batch-size, as cent_sgd.py does with
 that batch; the server hands batch k to whichever worker asks next, in the reply's tag, so
@@ -56,11 +67,20 @@ def add_flags(parser):
                         help="ssp: the most server updates a gradient may lag behind the weights it is applied to")
     parser.add_argument("--staleness-lr", action="store_true",
                         help="async, ssp: divide each update's lr by max(1, its staleness) (Zhang et al. 2016)")
+    parser.add_argument("--dana", action="store_true",
+                        help="async: one momentum buffer per worker on the server (DANA-Zero, Hakimi et al. "
+                             "2019); the default lr becomes the synchronous server's over the W workers")
 
 
-def check(args):
+def check(args, num_workers):
     if args.staleness < 0:
         utils.fail(f"--staleness must be >= 0, got {args.staleness}")
+    if args.dana and args.mode != "async":
+        utils.fail(f"--dana needs --mode async, got --mode {args.mode}")
+    if args.dana and args.momentum == 0:
+        utils.fail("--dana keeps one momentum buffer per worker: it needs --momentum > 0")
+    if args.dana and args.lr is None:  # W updates act like one synchronous step (see above)
+        args.lr = utils.scaled_lr(num_workers * args.batch_size) / num_workers
 
 
 # ----- the server -----
@@ -138,6 +158,8 @@ def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, ar
         t0 = time.perf_counter()
         flat_grads.copy_(inbox[[w - 1 for w in group]].sum(dim=0)).div_(len(group))
         utils.set_lr(optimizer, lr / max(1, tau) if args.staleness_lr else lr)
+        if args.dana:
+            use_momentum_of(optimizer, group[0], len(inbox))
         optimizer.step()
         utils.sync(flat_params.device)
         update_time += time.perf_counter() - t0
@@ -155,6 +177,17 @@ def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, ar
     stats = dict(staleness={str(t): n for t, n in sorted(state.tau.items())},
                  gradients_per_worker=[state.gradients[w] for w in sorted(state.gradients)])
     return step, update_time, stats
+
+
+def use_momentum_of(optimizer, worker, num_workers):
+    """DANA-Zero: make `worker`'s momentum buffers the ones the optimizer's next step updates.
+    torch's SGD updates a buffer it finds in place, so each worker's stays its own. They live
+    in the optimizer's state, so a checkpoint keeps them."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            buffers = state.setdefault("worker_momentum", [torch.zeros_like(p) for _ in range(num_workers)])
+            state["momentum_buffer"] = buffers[worker - 1]
 
 
 def reply(flat_params, device_ok, worker, tag, comm, traffic):

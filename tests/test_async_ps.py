@@ -97,13 +97,56 @@ def test_the_schedule_bounds_staleness_and_never_deadlocks(speeds):
         assert max(map(int, state.tau)) > 2, state.tau
 
 
+# ----------------------------------------------------------------------------- DANA
+
+def test_dana_is_nesterov_per_worker_in_lookahead_form():
+    """DANA-Zero as published keeps the weights theta and a momentum v_i per worker, and sends a
+    worker theta - lr m (v_1 + ... + v_W); on worker i's gradient g: v_i = m v_i + g, theta -=
+    lr v_i. --dana sends its weights as they are and steps torch's Nesterov SGD with worker i's
+    own buffer. On a quadratic, with gradients stale by any amount, the two send the same
+    points, and --dana without the per-worker buffers does not."""
+    torch.manual_seed(0)
+    W, P, lr, m = 3, 5, 0.1, 0.9
+    a = torch.randn(P, P)
+    a, start = a @ a.T / P + torch.eye(P), torch.randn(P)
+    grad = lambda w: a @ w  # noqa: E731  (the loss w A w / 2)
+    order = [1, 2, 3, 1, 1, 3, 2, 2, 1, 3, 3, 2, 1]  # who sends next; each worker's read is its last reply
+
+    theta, v = start.clone(), torch.zeros(W, P)
+    sent, published = {w: start.clone() for w in range(1, W + 1)}, []
+    for w in order:
+        v[w - 1] = m * v[w - 1] + grad(sent[w])
+        theta = theta - lr * v[w - 1]
+        sent[w] = theta - lr * m * v.sum(0)
+        published.append(sent[w])
+
+    def ours(per_worker):
+        phi = torch.nn.Parameter(start.clone())
+        optimizer = torch.optim.SGD([phi], lr=lr, momentum=m, nesterov=True)
+        sent, reads = {w: start.clone() for w in range(1, W + 1)}, []
+        for w in order:
+            phi.grad = grad(sent[w])
+            if per_worker:
+                async_ps.use_momentum_of(optimizer, w, W)
+            optimizer.step()
+            sent[w] = phi.detach().clone()
+            reads.append(sent[w])
+        return reads
+
+    for a_read, b_read in zip(published, ours(per_worker=True)):
+        assert torch.allclose(a_read, b_read, rtol=0, atol=1e-5), (a_read - b_read).abs().max()
+    assert not all(torch.allclose(a_read, b_read, atol=1e-3) for a_read, b_read in zip(published, ours(False)))
+
+
 # ----------------------------------------------------------------------------- references
 
 @pytest.mark.slow
-def test_async_with_one_worker_is_centralized_sgd(train):
+@pytest.mark.parametrize("dana", [(), ("--dana",)])
+def test_async_with_one_worker_is_centralized_sgd(train, dana):
     """One worker: each gradient is applied before the next is computed, on the batches and
-    at the lr of cent_sgd.py with that batch (Nesterov momentum on, on the server)."""
-    async_, results = server(train, 1, "--mode", "async", "--lr", LR, "--max-steps", 6)
+    at the lr of cent_sgd.py with that batch (Nesterov momentum on, on the server). With
+    --dana its one buffer is the server's one buffer."""
+    async_, results = server(train, 1, "--mode", "async", *dana, "--lr", LR, "--max-steps", 6)
     central, _ = train("cent_sgd.py", None, "--lr", LR, "--max-steps", 6)
     assert results["steps"] == 6 and staleness(results) == {0: 6}
     assert torch.allclose(async_, central, rtol=0, atol=ATOL), (async_ - central).abs().max()
@@ -149,6 +192,27 @@ def test_whole_epochs_take_every_batch_once(train):
     _, results = server(train, 2, "--mode", "async", "--lr", LR, "--train-size", 160, "--epochs", 2)
     assert results["steps"] == 20 and [h["steps"] for h in results["history"]] == [10, 20]
     assert all(sum(h["gradients_per_worker"]) == 10 for h in results["history"])
+
+
+@pytest.mark.slow
+def test_dana_resumes_exactly_with_every_workers_momentum(tmp_path):
+    """rank 0 dies in its 2nd evaluation, after epoch 1's checkpoint. With one worker async is
+    deterministic, so the resumed run must end on the uninterrupted run's bits: it does only
+    if the checkpoint kept the workers' buffers (new zero buffers would change the steps)."""
+    flags = [*COMMON, "--mode", "async", "--dana", "--lr", LR, "--train-size", 160, "--epochs", 2]
+
+    def launch(name, *extra, script=("dist_sgd_param_server.py",)):
+        folder = tmp_path / name
+        return mpirun(2, *script, *flags, "--results", folder / "r.json", "--checkpoint", folder / "ckpt.pt",
+                      *extra, timeout=120)
+    check(launch("reference", "--save-model", tmp_path / "reference.pt"))
+    crashed = launch("crash", script=("tests/inject_failure.py", 0, 2, "evaluate", "dist_sgd_param_server.py"))
+    assert crashed.returncode != 0 and "injected fault" in crashed.stderr
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "crash" / "ckpt.pt").rename(tmp_path / "resume" / "ckpt.pt")
+    resumed = check(launch("resume", "--resume", "--save-model", tmp_path / "resumed.pt"))
+    assert re.search(r"^resumed from .*: epoch 1\b", resumed.stdout, re.M), resumed.stdout
+    assert torch.equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "reference.pt"))
 
 
 # ----------------------------------------------------------------------------- default flags
@@ -219,6 +283,9 @@ def test_a_fault_on_any_rank_ends_the_job_within_10_s(mode, rank, call, function
     pytest.param("dist_sgd_param_server.py", 2, ["--mode", "ssp", "--staleness", -1], "--staleness must be >= 0",
                  marks=pytest.mark.slow),
     pytest.param("dist_sgd_param_server.py", 2, ["--straggler", "0:3"], "rank 0 is the server", marks=pytest.mark.slow),
+    pytest.param("dist_sgd_param_server.py", 2, ["--dana"], "--dana needs --mode async", marks=pytest.mark.slow),
+    pytest.param("dist_sgd_param_server.py", 2, ["--mode", "async", "--dana", "--momentum", 0], "needs --momentum > 0",
+                 marks=pytest.mark.slow),
     ("dist_sgd_serverless.py", None, ["--straggler", "1:0.5"], "FACTOR >= 1"),
 ])
 def test_bad_input_gets_one_line(script, ranks, args, message, tmp_path):
