@@ -186,8 +186,9 @@ def use_momentum_of(optimizer, worker, num_workers):
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state[p]
-            buffers = state.setdefault("worker_momentum", [torch.zeros_like(p) for _ in range(num_workers)])
-            state["momentum_buffer"] = buffers[worker - 1]
+            if "worker_momentum" not in state:
+                state["worker_momentum"] = [torch.zeros_like(p) for _ in range(num_workers)]
+            state["momentum_buffer"] = state["worker_momentum"][worker - 1]
 
 
 def reply(flat_params, device_ok, worker, tag, comm, traffic):
