@@ -572,15 +572,26 @@ def drift_paragraph(fed):
                  + ", ".join(f"{pct(mean(d(r, last)['acc_other']))} with {algorithm_name(r['config'])}" for r in fixes)
                  + ".")
 
+    def kind(r):  # the algorithm, and whether a client-side fix also takes server momentum
+        c = r["config"]
+        return c["algorithm"], bool(c.get("server_momentum")) and c["algorithm"] != "fedavgm"
+
+    def setting(r):
+        return r["config"].get("prox_mu"), r["config"].get("server_momentum")
+
+    # the mu and momentum were tuned on the shards: each algorithm at its best value there
+    tuned = {}
+    for r in fed.values():
+        if r["split"] == non["split"] and len(r["history"]) == len(non["history"]):
+            tuned[kind(r)] = max(tuned.get(kind(r), r), r, key=lambda r: r["final_test_acc"])
+
     def remedies(split):  # each algorithm's final accuracy on `split`, best first, after as many rounds
         rivals = [r for r in fed.values() if r["split"] == split and len(r["history"]) == len(non["history"])]
-        if split == non["split"]:  # the mu and momentum were tuned here: each algorithm at its best value
-            best = {}
-            for r in rivals:
-                c = r["config"]
-                kind = (c["algorithm"], bool(c.get("server_momentum")) and c["algorithm"] != "fedavgm")
-                best[kind] = max(best.get(kind, r), r, key=lambda r: r["final_test_acc"])
-            rivals = list(best.values())
+        if split == non["split"]:
+            rivals = list(tuned.values())
+        else:  # where a run with the tuned value exists, the runs with other values (older tunings) drop out
+            rivals = [r for r in rivals if kind(r) not in tuned or setting(r) == setting(tuned[kind(r)])
+                      or not any(setting(o) == setting(tuned[kind(r)]) for o in rivals if kind(o) == kind(r))]
         return [f"{algorithm_name(r['config'])} {pct(r['final_test_acc'])}"
                 for r in sorted(rivals, key=lambda r: -r["final_test_acc"])] if len(rivals) > 1 else []
     for split in [non["split"], *sorted({r["split"] for r in fed.values()} - {iid["split"], non["split"]})]:
