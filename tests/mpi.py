@@ -2,6 +2,7 @@
 import contextlib
 import io
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -102,3 +103,20 @@ def assert_committed(name, rendered, command):
     """The committed bench/<name> equals `rendered`, the file its records render to."""
     with open(os.path.join(ROOT, "bench", name)) as committed, open(rendered) as fresh:
         assert committed.read() == fresh.read(), f"stale: {command}"
+
+
+def assert_resume_is_exact(launch, script, unit, tmp_path):
+    """`launch(name, *flags, script=(...))` runs `script` with its outputs and its checkpoint
+    in tmp_path/name. Run it uninterrupted; then with rank 0 dying in its 2nd evaluation, after
+    the checkpoint of `unit` 1; then resumed from that checkpoint. The resumed run must end on
+    the uninterrupted run's bits."""
+    import torch  # here, not at the top: the module is imported by tests that never load torch
+
+    check(launch("reference", "--save-model", tmp_path / "reference.pt"))
+    crashed = launch("crash", script=("tests/inject_failure.py", 0, 2, "evaluate", script))
+    assert crashed.returncode != 0 and "injected fault" in crashed.stderr
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "crash" / "ckpt.pt").rename(tmp_path / "resume" / "ckpt.pt")
+    resumed = check(launch("resume", "--resume", "--save-model", tmp_path / "resumed.pt"))
+    assert re.search(rf"^resumed from .*: {unit} 1\b", resumed.stdout, re.M), resumed.stdout
+    assert torch.equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "reference.pt"))

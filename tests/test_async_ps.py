@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from extensions import async_ps
-from mpi import ROOT, assert_committed, check, in_process, mpirun, python
+from mpi import ROOT, assert_committed, assert_resume_is_exact, check, in_process, mpirun, python
 
 BATCH, LR = 16, 0.05
 COMMON = ["--dataset", "synthetic", "--batch-size", BATCH]
@@ -205,14 +205,7 @@ def test_dana_resumes_exactly_with_every_workers_momentum(tmp_path):
         folder = tmp_path / name
         return mpirun(2, *script, *flags, "--results", folder / "r.json", "--checkpoint", folder / "ckpt.pt",
                       *extra, timeout=120)
-    check(launch("reference", "--save-model", tmp_path / "reference.pt"))
-    crashed = launch("crash", script=("tests/inject_failure.py", 0, 2, "evaluate", "dist_sgd_param_server.py"))
-    assert crashed.returncode != 0 and "injected fault" in crashed.stderr
-    (tmp_path / "resume").mkdir()
-    (tmp_path / "crash" / "ckpt.pt").rename(tmp_path / "resume" / "ckpt.pt")
-    resumed = check(launch("resume", "--resume", "--save-model", tmp_path / "resumed.pt"))
-    assert re.search(r"^resumed from .*: epoch 1\b", resumed.stdout, re.M), resumed.stdout
-    assert torch.equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "reference.pt"))
+    assert_resume_is_exact(launch, "dist_sgd_param_server.py", "epoch", tmp_path)
 
 
 # ----------------------------------------------------------------------------- default flags

@@ -21,7 +21,7 @@ import torch
 import fed_avg
 import utils
 from extensions import drift, fed_algorithms
-from mpi import ROOT, assert_committed, check, mpirun
+from mpi import ROOT, assert_committed, assert_resume_is_exact, check, mpirun
 from test_fed_avg import TOL, data_parallel_reference, synthetic_train
 
 # 5 unequal Dirichlet clients on 2 client ranks, 3 per round, Nesterov momentum 0.9
@@ -258,14 +258,7 @@ def test_resume_after_a_crash_is_exact_with_the_algorithms_state(algorithm, tmp_
         folder = tmp_path / name
         return mpirun(3, *script, *RESUMABLE, *algorithm, "--results", folder / "r.json", "--figures-dir", folder,
                       "--checkpoint", folder / "ckpt.pt", *extra, timeout=180, **kwargs)
-    check(launch("reference", "--save-model", tmp_path / "reference.pt"))
-    crashed = launch("crash", script=("tests/inject_failure.py", 0, 2, "evaluate", "fed_avg.py"))
-    assert crashed.returncode != 0 and "injected fault" in crashed.stderr
-    (tmp_path / "resume").mkdir()
-    (tmp_path / "crash" / "ckpt.pt").rename(tmp_path / "resume" / "ckpt.pt")
-    resumed = check(launch("resume", "--resume", "--save-model", tmp_path / "resumed.pt"))
-    assert re.search(r"^resumed from .*: round 1\b", resumed.stdout, re.M), resumed.stdout
-    assert torch.equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "reference.pt"))
+    assert_resume_is_exact(launch, "fed_avg.py", "round", tmp_path)
 
 
 @pytest.mark.slow
