@@ -21,12 +21,12 @@ runs one after another, each as its own mpirun job with the same data, seed and 
   extensions/async_ps.py), so that the stale gradients do not compound in one buffer; its
   default lr, sync's over W, gives it sync's lr per sample. Four DANA probes (lr 0.025,
   0.0177 and 0.0125 with momentum 0.9, lr 0.025 with 0.8) show no trend in lr beyond the
-  spread of repeated runs, so async-dana keeps its default, untuned. --longer E runs sync, async-m0.6-lr0.025 and async-dana
-  for E epochs without a straggler (records in longer/), for the accuracy gap after each
-  epoch. Async runs are not reproducible (gradients arrive in another order each time), so
-  one run per setting cannot tell a small gap: --seeds runs the same three without a
-  straggler with seeds 1 and 2 as well (records in seeds/), and the gap is also given
-  between their means over the three seeds.
+  spread of repeated runs, so async-dana keeps its default, untuned. --longer E runs sync,
+  async-m0.6-lr0.025 and async-dana for E epochs without a straggler (records in longer/),
+  for the accuracy gap after each epoch. Async runs are not reproducible (gradients arrive
+  in another order each time), so one run per setting cannot tell a small gap: --seeds runs
+  the same three without a straggler with seeds 1 and 2 as well (records in seeds/), and
+  the gap is also given between their means over the three seeds.
 A run that diverges (the script's "training diverged" error) is recorded as such.
 Every run applies every batch of every epoch once, so all see the same training samples.
 From each results JSON it takes the throughput in training samples whose gradients were
@@ -124,13 +124,17 @@ def measure(out, tiny, epochs, stragglers, modes):
     return record
 
 
+def cifar_command(mode, epochs, results):
+    """The command of one run of `mode` on CIFAR-10 for `epochs` epochs, no straggler, 4 workers."""
+    return command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
+
+
 def probe(out, epochs):
     """The runs that picked async-m0.6-lr0.025's lr and momentum, and async-dana's around its
     default: no straggler, into probes/."""
     for mode, lr, momentum in PROBES:
         results = os.path.join(out, "probes", f"{mode}_lr{lr:g}_m{momentum:g}.json")
-        cmd = command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
-        run_missing(results, cmd + ["--lr", str(lr), "--momentum", str(momentum)],
+        run_missing(results, cifar_command(mode, epochs, results) + ["--lr", str(lr), "--momentum", str(momentum)],
                     f"the {mode} probe at lr {lr:g}, momentum {momentum:g}")
 
 
@@ -139,8 +143,7 @@ def longer(out, epochs):
     accuracy gap after each epoch. Each run's lr schedule spans its own epochs."""
     for mode in LONGER:
         results = os.path.join(out, "longer", f"{mode}_{epochs}ep.json")
-        run_missing(results, command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results),
-                    f"{mode} over {epochs} epochs")
+        run_missing(results, cifar_command(mode, epochs, results), f"{mode} over {epochs} epochs")
 
 
 def seeds(out, epochs):
@@ -148,8 +151,8 @@ def seeds(out, epochs):
     for seed in SEEDS:
         for mode in SEEDED:
             results = os.path.join(out, "seeds", f"{mode}_seed{seed}.json")
-            cmd = command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
-            run_missing(results, cmd + ["--seed", str(seed)], f"{mode} with seed {seed}")
+            run_missing(results, cifar_command(mode, epochs, results) + ["--seed", str(seed)],
+                        f"{mode} with seed {seed}")
 
 
 def run_missing(results, cmd, what):
@@ -276,8 +279,8 @@ def render(record, out, md_path, fig_path):
         lines += ["", "Seeds (`--seeds`), no straggler: the same runs with other seeds (seed 0 is the table's).",
                   "", "| run | " + " | ".join(f"seed {s}" for s in (0, *SEEDS)) + " | mean |",
                   "|---|" + "---|" * (len(SEEDS) + 2)]
-        lines += [f"| {mode} | " + " | ".join(f"{a:.2f}%" for a in accs) + f" | {sum(accs) / len(accs):.2f}% |"
-                  for mode, accs in means.items()]
+        lines += [f"| {mode} | " + " | ".join(f"{a:.2f}%" for a in accs) + f" | {mean:.2f}% |"
+                  for mode, (accs, mean) in means.items()]
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for s in ("sleep3", "busy3"):
         if any((m, s) in by for m in ASYNC):
@@ -298,8 +301,7 @@ def render(record, out, md_path, fig_path):
                          f"<= {TARGETS['async_accuracy_points']} | {gap:+.2f} | "
                          f"{'yes' if gap <= TARGETS['async_accuracy_points'] else 'no'} |")
     if "sync" in means and len(means) > 1:
-        mean = {mode: sum(accs) / len(accs) for mode, accs in means.items()}
-        gap = mean["sync"] - max(a for mode, a in mean.items() if mode != "sync")
+        gap = means["sync"][1] - max(mean for mode, (_, mean) in means.items() if mode != "sync")
         lines.append(f"| async accuracy vs sync, same samples (none), mean of {len(SEEDS) + 1} seeds: sync minus the "
                      f"better async, points | <= {TARGETS['async_accuracy_points']} | {gap:+.2f} | "
                      f"{'yes' if gap <= TARGETS['async_accuracy_points'] else 'no'} |")
@@ -310,7 +312,7 @@ def render(record, out, md_path, fig_path):
 
 
 def seed_means(out, by):
-    """{mode: [test acc with seed 0, 1, ...]} for the SEEDED modes whose every seed has a record."""
+    """{mode: ([test acc with seed 0, 1, ...], their mean)} for the SEEDED modes whose every seed has a record."""
     means = {}
     for mode in SEEDED:
         paths = [os.path.join(out, "seeds", f"{mode}_seed{seed}.json") for seed in SEEDS]
@@ -319,7 +321,7 @@ def seed_means(out, by):
             for path in paths:
                 with open(path) as f:
                     accs.append(json.load(f)["final_test_acc"])
-            means[mode] = accs
+            means[mode] = accs, sum(accs) / len(accs)
     return means
 
 

@@ -163,7 +163,8 @@ def render(out, tiny, md_path, fig_dir):
             mb = sum(b["bytes_sent"] + b["bytes_recv"] for b in clients) / len(clients) / 1e6
             shared = "*" if f"{split}_{label}" in SHARED_CORES and not tiny else ""
             lines.append(f"| {split} | {describe(label, r)}{' (†)' * untuned(split, label)} | {len(h)} | "
-                         f"{r['final_test_acc']:.2f} | {max(x['test_acc'] for x in h):.2f} | {mb:.1f} | {sum(x['round_time'] for x in h):.0f}{shared} |")
+                         f"{r['final_test_acc']:.2f} | {max(x['test_acc'] for x in h):.2f} | {mb:.1f} | "
+                         f"{sum(x['round_time'] for x in h):.0f}{shared} |")
             scale = 0.5 if label == "fedavg_2x" else 1  # its 2 rounds cost SCAFFOLD's 1 in bytes
             ax.plot([x["round"] * scale for x in h], [x["test_acc"] for x in h], marker=".", label=describe(label, r))
         ax.set_xlabel("round (FedAvg at SCAFFOLD's bytes: rounds / 2)")
