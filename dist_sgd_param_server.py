@@ -216,8 +216,8 @@ def main():
     with utils.staged(flat_params) as buf:
         comm.Bcast(buf, root=SERVER)
 
-    # train; with --elastic the survivors of a lost worker redo its step without it (extensions/elastic.py)
-    comm, train_epoch_, failures = (elastic.survive_server(comm, train_epoch, flat_params, global_batch)
+    # train; with --elastic a lost worker is dropped and the run goes on without it (extensions/elastic.py)
+    comm, train_epoch_, failures = (elastic.survive_server(comm, args.mode, MODES[args.mode], flat_params, global_batch)
                                     if args.elastic else (comm, MODES[args.mode], None))
     t_start = time.perf_counter() - progress["wall_time"]
     for epoch in range(progress["epoch"], args.epochs):

@@ -26,7 +26,10 @@ runs one after another, each as its own mpirun job with the same data, seed and 
   for the accuracy gap after each epoch. Async runs are not reproducible (gradients arrive
   in another order each time), so one run per setting cannot tell a small gap: --seeds runs
   the same three without a straggler with seeds 1 and 2 as well (records in seeds/), and
-  the gap is also given between their means over the three seeds.
+  the gap is also given between their means over the three seeds. --lost runs async-dana
+  with --elastic (under MPI's fault tolerance, ULFM), once whole and once with worker 2 killed
+  mid-epoch (records in lost/): the server gives the lost worker's batch to another and the
+  run goes on without it.
 A run that diverges (the script's "training diverged" error) is recorded as such.
 Every run applies every batch of every epoch once, so all see the same training samples.
 From each results JSON it takes the throughput in training samples whose gradients were
@@ -47,6 +50,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +79,9 @@ PROBES = [("async", 0.025, 0.9), ("async", 0.025, 0.6), ("async", 0.025, 0.3), (
           ("async-dana", 0.0125, 0.9), ("async-dana", 0.025, 0.8)]  # (mode, lr, momentum)
 LONGER = ("sync", "async-m0.6-lr0.025", "async-dana")  # --longer: does async's gap shrink with more epochs?
 SEEDS, SEEDED = (1, 2), ("sync", "async-m0.6-lr0.025", "async-dana")  # --seeds: the same runs with other seeds
+# --lost: async-dana with --elastic, whole, then with worker 2 killed at its 50th gradient (of about 195)
+LOST, LOST_WORKER, LOST_AT = "async-dana", 2, 50
+ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self"]  # what --elastic needs
 
 
 def runs(tiny, stragglers=tuple(STRAGGLERS), modes=tuple(MODES)):
@@ -102,7 +109,7 @@ def measure(out, tiny, epochs, stragglers, modes):
             else ["--dataset", "cifar10", "--epochs", str(epochs)])
     record = {"runs": [], "meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "tiny": tiny,
                                    "workers": workers, "cores": os.cpu_count(), "epochs": 2 if tiny else epochs}}
-    chosen = runs(tiny, stragglers, modes)
+    chosen, ran = runs(tiny, stragglers, modes), False
     for name, straggler, mode in runs(tiny):
         results = os.path.join(out, "runs", f"{name}.json")
         cmd = command(mode, straggler, workers, data, results)
@@ -110,7 +117,8 @@ def measure(out, tiny, epochs, stragglers, modes):
                           else os.path.relpath(c, out) if c.startswith(out) else c for c in cmd])
         if not same_data(results, data) and (name, straggler, mode) in chosen:
             print(f"$ {shown}", flush=True)
-            status, error = run_logged(cmd)
+            status, error, _ = run_logged(cmd)
+            ran = True
             if status and error and "diverged" in error:  # a result, not a failure: record it
                 marker = {"config": data_config(data), "diverged": error}
                 utils.write_atomically(results, lambda f: json.dump(marker, f, indent=1))
@@ -119,7 +127,11 @@ def measure(out, tiny, epochs, stragglers, modes):
         if same_data(results, data):
             record["runs"].append({"name": name, "straggler": straggler, "mode": mode, "command": shown,
                                    "results": f"runs/{name}.json"})
-    with open(os.path.join(out, "async.json"), "w") as f:
+    path = os.path.join(out, "async.json")
+    if not ran and os.path.exists(path):  # the table's runs are those of before: so is their date
+        with open(path) as f:
+            record["meta"]["date"] = json.load(f)["meta"]["date"]
+    with open(path, "w") as f:
         json.dump(record, f, indent=1)
     return record
 
@@ -155,23 +167,45 @@ def seeds(out, epochs):
                         f"{mode} with seed {seed}")
 
 
-def run_missing(results, cmd, what):
-    """Run `cmd` unless its record `results` exists; end the bench if it fails."""
+def lost(out, epochs):
+    """LOST with --elastic under ULFM, without a straggler, into lost/: once whole, once with worker
+    LOST_WORKER killed (SIGKILL, as by the OOM killer) at its LOST_AT-th gradient; the time of the
+    kill goes to lost/kill.json. The two run on the same transport, one after the other."""
+    for name in ("whole", "killed"):
+        results = os.path.join(out, "lost", f"{LOST}_{name}.json")
+        cmd = cifar_command(LOST, epochs, results) + ["--elastic"]
+        python = cmd.index(sys.executable) + 1
+        inject = ["tests/inject_failure.py", str(LOST_WORKER), str(LOST_AT), "train_step"] if name == "killed" else []
+        killed = run_missing(results, [cmd[0], *ULFM, *cmd[1:python], *inject, *cmd[python:]],
+                             f"{LOST} with --elastic ({name})", env={"INJECT": "kill"})
+        if killed:
+            utils.write_atomically(os.path.join(out, "lost", "kill.json"), lambda f: json.dump(
+                dict(worker=LOST_WORKER, at_gradient=LOST_AT, time=float(killed.group(1)),
+                     date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())), f, indent=1))
+
+
+def run_missing(results, cmd, what, env=None):
+    """Run `cmd` unless its record `results` exists; end the bench if it fails. Returns the match of
+    tests/inject_failure.py's line in its output (None if it injected nothing or did not run)."""
     if not os.path.exists(results):
-        status, error = run_logged(cmd)
-        if status:
+        status, error, injected = run_logged(cmd, env)
+        if status or not os.path.exists(results):
             sys.exit(f"error: {what} ended with exit status {status}: {error}")
+        return injected
+    return None
 
 
-def run_logged(cmd):
-    """Run `cmd`, echoing its output; returns (its exit status, its last line that starts with error:)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True,
+def run_logged(cmd, env=None):
+    """Run `cmd`, echoing its output; returns (its exit status, its last line that starts with error:,
+    the match of a fault injected by tests/inject_failure.py, whose group 1 is its time)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    error = None
+    error = injected = None
     for line in proc.stdout:
         print(line, end="", flush=True)
         error = line.strip() if line.startswith("error:") else error
-    return proc.wait(), error
+        injected = injected or re.search(r"injected fault in utils\.\w+, .* at ([\d.]+)", line)
+    return proc.wait(), error, injected
 
 
 def same_data(results, data):
@@ -281,6 +315,7 @@ def render(record, out, md_path, fig_path):
                   "|---|" + "---|" * (len(SEEDS) + 2)]
         lines += [f"| {mode} | " + " | ".join(f"{a:.2f}%" for a in accs) + f" | {mean:.2f}% |"
                   for mode, (accs, mean) in means.items()]
+    lines += lost_table(out)
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for s in ("sleep3", "busy3"):
         if any((m, s) in by for m in ASYNC):
@@ -309,6 +344,37 @@ def render(record, out, md_path, fig_path):
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, fig_path)
+
+
+def lost_table(out):
+    """The lines of the --lost section, if its records exist."""
+    paths = {name: os.path.join(out, "lost", f"{LOST}_{name}.json") for name in ("whole", "killed")}
+    kill_path = os.path.join(out, "lost", "kill.json")
+    if not all(map(os.path.exists, [*paths.values(), kill_path])):
+        return []
+    with open(kill_path) as f:
+        kill = json.load(f)
+    runs = {}
+    for name, path in paths.items():
+        with open(path) as f:
+            runs[name] = json.load(f)
+    lines = ["", f"A lost worker (`--lost`), no straggler: {LOST} with `--elastic` under `mpirun "
+             f"{' '.join(ULFM)}` (TCP between the ranks), once whole and once with worker {kill['worker']} killed "
+             f"(SIGKILL) at its gradient {kill['at_gradient']}, on {kill['date']}. The host can change between "
+             f"sessions, so compare these two rows' samples/s with each other only. Two single runs: the killed one "
+             f"ends {runs['killed']['final_test_acc'] - runs['whole']['final_test_acc']:+.2f} points from the whole "
+             f"one, and single async runs vary by a few points (the seeds above).", "",
+             "| run | samples/s | test acc | gradients per worker | server noticed the loss | ranks at the end |",
+             "|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        h = r["history"]
+        noticed = [f"at update {x['step']}, {x['time'] - kill['time']:.2f} s after the kill"
+                   for e in h for x in e.get("lost", [])]
+        per_worker = " / ".join(",".join(map(str, e["gradients_per_worker"])) for e in h)
+        lines.append(f"| {LOST}, {name} | {r['steps'] * r['config']['batch_size'] / sum(e['train_time'] for e in h):.1f} "
+                     f"| {r['final_test_acc']:.2f}% | {per_worker} | {'; '.join(noticed) or '-'} | "
+                     f"{r['failures'][-1]['world_size'] if r.get('failures') else r['world_size']} |")
+    return lines
 
 
 def seed_means(out, by):
@@ -360,6 +426,9 @@ def main():
     parser.add_argument("--probes", action="store_true", help="first run the lr and momentum probes (see above)")
     parser.add_argument("--seeds", action="store_true",
                         help=f"first run {', '.join(SEEDED)}, no straggler, with seeds {SEEDS} (into seeds/)")
+    parser.add_argument("--lost", action="store_true",
+                        help=f"first run {LOST} with --elastic, whole and with worker {LOST_WORKER} killed "
+                             "(into lost/)")
     parser.add_argument("--longer", type=int, metavar="EPOCHS",
                         help=f"first run {' and '.join(LONGER)}, no straggler, for EPOCHS epochs each (into longer/)")
     args = parser.parse_args()
@@ -378,6 +447,8 @@ def main():
             longer(out, args.longer)
         if args.seeds:
             seeds(out, args.epochs)
+        if args.lost:
+            lost(out, args.epochs)
         record = measure(out, args.tiny, args.epochs, args.stragglers, args.modes)
     render(record, out, md, fig)
     print(f"wrote {os.path.relpath(md, ROOT)} and {os.path.relpath(fig, ROOT)}", flush=True)

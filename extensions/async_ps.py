@@ -45,7 +45,13 @@ as each update applies one worker's batch. An epoch ends when all its batches ar
 applied: the server then sends every worker the final weights with the tag END, in reply to
 its last gradient; a worker with no batch this epoch (a run cut short by --max-steps) gets
 them too. Every gradient (4P bytes) thus gets exactly one reply of 4P bytes.
+
+--elastic (extensions/elastic.py, under MPI's fault tolerance): when the server's receive from
+a worker, or its reply to it, fails because the worker died, the server drops it (Server.lose)
+and puts the batch it was computing back at the front of the queue, for the next worker that
+asks (or one already done with the epoch). So every batch is still applied once per epoch.
 """
+import collections
 import math
 import time
 
@@ -54,7 +60,7 @@ import torch
 from mpi4py import MPI
 
 import utils
-from extensions import stragglers
+from extensions import elastic, stragglers
 
 SERVER = 0
 GRADIENT = 1  # worker -> server
@@ -87,12 +93,14 @@ def check(args, num_workers):
 
 class Server:
     """The server's state during one epoch: the version (updates applied), what each worker
-    read, which workers are computing, the gradients held, and the next batch to hand out."""
+    read and which batch it computes, which workers are computing, the gradients held, and
+    the batches still to hand out."""
 
     def __init__(self, num_workers, batches, staleness):
         self.version, self.read = 0, {w: 0 for w in range(1, num_workers + 1)}
-        self.computing = {w for w in self.read if w - 1 < batches}  # the first W batches: one each
-        self.held, self.next_batch, self.batches, self.staleness = [], len(self.computing), batches, staleness
+        self.batch = {w: w - 1 for w in self.read if w - 1 < batches}  # the first W batches: one each
+        self.computing, self.todo = set(self.batch), collections.deque(range(len(self.batch), batches))
+        self.held, self.staleness, self.lost = [], staleness, {}  # lost: {worker: when the server noticed}
         self.tau, self.gradients = {}, {w: 0 for w in self.read}
 
     def lag_after_update(self, applied):
@@ -128,26 +136,75 @@ class Server:
 
     def assign(self, worker):
         """The next batch for `worker`, which reads the current version; None when none is left."""
-        if self.next_batch == self.batches:
+        if not self.todo:
             return None
-        self.read[worker], self.next_batch = self.version, self.next_batch + 1
+        self.read[worker], self.batch[worker] = self.version, self.todo.popleft()
         self.computing.add(worker)
-        return self.next_batch - 1
+        return self.batch[worker]
+
+    def lose(self, worker, step=None):
+        """--elastic: `worker` is gone (noticed at global `step`). The batch it was computing goes
+        first to the next worker that asks; a gradient of its that arrived is still applied.
+        Returns that batch, if any."""
+        self.lost[worker] = dict(step=step, time=time.time())
+        if worker in self.computing:
+            self.computing.remove(worker)
+            self.todo.appendleft(self.batch[worker])
+            return self.batch[worker]
+        return None
 
 
 def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, args, comm, traffic, batches):
     """Server executes: receive gradients as they come, apply them (see Server.next_update),
-    reply to each worker with the new weights and its next batch. Returns (step, update seconds, stats)."""
+    reply to each worker with the new weights and its next batch. With --elastic, a worker
+    whose receive or reply fails is dropped (Server.lose). Returns (step, update seconds, stats)."""
     device_ok = utils.mpi_is_cuda_aware(flat_params.device)
     staleness = args.staleness if args.mode == "ssp" else math.inf
-    state = Server(len(inbox), batches, staleness)
+    num_workers = comm.Get_size() - 1  # --elastic: the workers still here
+    inbox = inbox[:num_workers]
+    in_job = job_ranks(comm)  # DANA's buffers are the workers' ranks in the whole job
+    state = Server(num_workers, batches, staleness)
     requests = [comm.Irecv(inbox[w - 1], source=w, tag=GRADIENT) if w in state.computing else MPI.REQUEST_NULL
                 for w in state.read]
-    update_time, finished = 0.0, [w for w in state.read if w not in state.computing]
+    update_time, idle, orphans = 0.0, [w for w in state.read if w not in state.computing], []
+
+    def drop_lost_workers(error):
+        """--elastic: after a receive or a reply failed, drop every worker now known lost; the
+        requests still posted to them are kept, unwaited: one freed while pending is fatal."""
+        lost = sorted(elastic.lost_ranks(error, comm) - {SERVER} - set(state.lost)) if args.elastic else []
+        if not lost:
+            raise error
+        for w in lost:
+            batch = state.lose(w, step)
+            orphans.append(requests[w - 1])
+            requests[w - 1] = MPI.REQUEST_NULL
+            if w in idle:
+                idle.remove(w)
+            utils.print0(f"worker {w} lost at step {step}" + ("" if batch is None else
+                         f": batch {batch} of the epoch goes to the next worker that asks"))
+        while state.todo and idle:  # a requeued batch, and workers done with the epoch's others
+            hand_out(idle.pop())
+
+    def hand_out(w):
+        """Reply to worker w with the new weights and its next batch, or hold it till the end."""
+        k = state.assign(w)
+        if k is None:  # nothing left: it waits for the epoch's final weights
+            idle.append(w)
+            return
+        try:
+            reply(flat_params, device_ok, w, k, comm, traffic)  # its next batch, and the weights to start from
+            requests[w - 1] = comm.Irecv(inbox[w - 1], source=w, tag=GRADIENT)
+        except MPI.Exception as e:
+            drop_lost_workers(e)
+
     while state.computing or state.held:
         group = state.next_update()
         if not group:  # wait for the next gradient, from whichever worker sends first
-            w = MPI.Request.Waitany(requests) + 1
+            try:
+                w = MPI.Request.Waitany(requests) + 1
+            except MPI.Exception as e:
+                drop_lost_workers(e)
+                continue
             traffic.add({"bytes_sent": 0, "bytes_recv": inbox[w - 1].nbytes})
             state.arrived(w)
             continue
@@ -159,30 +216,39 @@ def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, ar
         flat_grads.copy_(inbox[[w - 1 for w in group]].sum(dim=0)).div_(len(group))
         utils.set_lr(optimizer, lr / max(1, tau) if args.staleness_lr else lr)
         if args.dana:
-            use_momentum_of(optimizer, group[0], len(inbox))
+            use_momentum_of(optimizer, in_job[group[0]], MPI.COMM_WORLD.Get_size() - 1)
         optimizer.step()
         utils.sync(flat_params.device)
         update_time += time.perf_counter() - t0
         state.applied(group)
         step += len(group)
         for w in group:
-            k = state.assign(w)
-            if k is None:  # nothing left: it waits for the epoch's final weights
-                finished.append(w)
-                continue
-            reply(flat_params, device_ok, w, k, comm, traffic)  # its next batch, and the weights to start from
-            requests[w - 1] = comm.Irecv(inbox[w - 1], source=w, tag=GRADIENT)
-    for w in finished:
-        reply(flat_params, device_ok, w, END, comm, traffic)
+            if w not in state.lost:
+                hand_out(w)
+    for w in list(idle):  # a copy: a worker found lost here leaves `idle`
+        try:
+            reply(flat_params, device_ok, w, END, comm, traffic)
+        except MPI.Exception as e:  # lost at the end: the survivors learn of it after the epoch
+            drop_lost_workers(e)
     stats = dict(staleness={str(t): n for t, n in sorted(state.tau.items())},
                  gradients_per_worker=[state.gradients[w] for w in sorted(state.gradients)])
+    if state.lost:
+        stats["lost"] = [dict(rank=w, **when) for w, when in state.lost.items()]
     return step, update_time, stats
+
+
+def job_ranks(comm):
+    """Each rank of `comm`'s rank in the whole job (MPI.COMM_WORLD): the same numbers unless
+    --elastic has dropped a rank."""
+    return MPI.Group.Translate_ranks(comm.Get_group(), list(range(comm.Get_size())), MPI.COMM_WORLD.Get_group())
 
 
 def use_momentum_of(optimizer, worker, num_workers):
     """DANA-Zero: make `worker`'s momentum buffers the ones the optimizer's next step updates.
     torch's SGD updates a buffer it finds in place, so each worker's stays its own. They live
-    in the optimizer's state, so a checkpoint keeps them."""
+    in the optimizer's state, so a checkpoint keeps them. `worker` is its rank in the job: with
+    --elastic, a lost worker's buffers are never used again, and the weights keep the lookahead
+    they had given them."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state[p]

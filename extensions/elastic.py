@@ -30,6 +30,14 @@ step 3 the survivors take the server's weights and its count of updates. And the
 their gradients unweighted: the server weighs them by their shares when it averages. A lost
 server cannot be replaced by a worker, which holds no momentum: the job ends, with one line.
 
+The asynchronous servers (--mode async, ssp) redo nothing: no update waits for every worker.
+The server notices a lost worker when its receive from it fails, puts the batch that worker was
+computing back at the front of the epoch's queue, for the next worker that asks, and goes on
+(extensions/async_ps.py). Every batch is still applied once per epoch. The other workers talk to
+the server only, so they notice nothing until the epoch's end, where the survivors agree on
+whether anyone was lost and shrink before the script's evaluation. DANA's momentum buffers
+belong to the workers' ranks in the whole job, so a lost worker's is simply never used again.
+
 FedAvg works in rounds, not steps, and a round is all or nothing. Every rank holds the whole
 training set, and a client's batches are seeded by (seed, round, client), not by the rank that
 runs it, so a lost rank's clients can run anywhere and compute the same. After each round the
@@ -71,8 +79,6 @@ def check(args):
         utils.fail(f"--elastic needs MPI's fault tolerance switched on: launch with `{MPIRUN} -n N ...`")
     if getattr(args, "compress", "none") != "none":
         utils.fail("--elastic works with the uncompressed average only (--compress none)")
-    if getattr(args, "mode", "sync") != "sync":
-        utils.fail("--elastic works with the synchronous parameter server only (--mode sync)")
     if getattr(args, "algorithm", "fedavg") == "scaffold":
         utils.fail("--elastic cannot move SCAFFOLD's client control variates, which die with their rank: "
                    "use --algorithm fedavg, fedprox, fedavgm, fedrs or fedlc")
@@ -126,11 +132,13 @@ def share(rank, size, global_batch):
     return len(range(rank, global_batch, size))
 
 
-def survive_server(comm, train_epoch, flat_params, global_batch):
+def survive_server(comm, mode, train_epoch, flat_params, global_batch):
     """dist_sgd_param_server.py: the same for the synchronous parameter server. A lost worker
     is dropped; the server (rank 0) holds the only optimizer state, so after a failure the
     workers take its weights and its step count. A lost server ends the job, with a line
-    that says how to restart from the last checkpoint."""
+    that says how to restart from the last checkpoint. --mode async and ssp: survive_async."""
+    if mode != "sync":
+        return survive_async(comm, train_epoch)
     survivors, failures, done = ShrinkingComm(comm), [], {"step": 0}
 
     def weighted_average_(flat_grads, inbox):
@@ -152,6 +160,69 @@ def survive_server(comm, train_epoch, flat_params, global_batch):
 
     return survivors, retrying(train_epoch, survivors, failures, done, weighted_average_, recover,
                                fatal=(0, "the parameter server (rank 0)")), failures
+
+
+def survive_async(comm, train_epoch):
+    """dist_sgd_param_server.py --mode async or ssp: no step waits for every worker, so nothing
+    is redone. The server notices a lost worker mid-epoch, gives the batch it was computing to
+    another worker and goes on without it (extensions/async_ps.py); the other workers talk to
+    the server only and never notice. At the epoch's end the survivors agree on whether anyone
+    was lost, and if so shrink, before the script's evaluation and its collectives. A lost
+    server ends the job, with a line that says how to restart."""
+    survivors, failures = ShrinkingComm(comm), []
+
+    def train_epoch_(*args, step, comm):
+        del comm  # the script's, the survivors' proxy itself
+        try:
+            result = train_epoch(*args, step=step, comm=survivors)
+            complete = 0 if result[-1].get("lost") else 1  # only the server's record names the lost
+        except MPI.Exception as e:  # a worker's receive from the server failed: the server is lost
+            if not lost_a_rank(e, survivors):
+                raise
+            result, complete = None, 0
+        lost, t0 = shrink_unless_all_finished(survivors, complete, "the parameter server (rank 0)", "every worker",
+                                              f"in the epoch that began at step {step}")
+        if not lost:
+            return result
+        failures.append(dict(ranks=lost, step=result[0] if result else step, world_size=survivors.Get_size(),
+                             recovery_time=time.perf_counter() - t0))
+        utils.print0(f"rank {', '.join(map(str, lost))} lost: the epoch ended without it; continuing on "
+                     f"{survivors.Get_size()} ranks ({failures[-1]['recovery_time']:.1f} s)")
+        return result
+
+    return survivors, train_epoch_, failures
+
+
+def shrink_unless_all_finished(survivors, finished, server, others, when):
+    """Agree (ULFM's MPI_Comm_agree, the same answer on every survivor) on whether every
+    survivor `finished` (1) its round or epoch. If so, return ([], None). If not, shrink to the
+    survivors and return (the ranks lost, the time the recovery began). A lost `server` (rank 0),
+    or the loss of all the `others`, ends the job with one line that says `when`."""
+    try:
+        finished = survivors.Agree(finished)
+    except MPI.Exception as e:  # raised on every survivor alike
+        if not lost_a_rank(e, survivors):
+            raise
+        finished = 0
+    if finished:
+        return [], None
+    t0 = time.perf_counter()
+    lost = survivors.shrink()
+    if 0 in lost:
+        give_up(server, when)
+    if survivors.Get_size() < 2:
+        give_up(others, when)
+    leave_without_finalize(survivors)
+    return lost, t0
+
+
+def lost_ranks(error, comm):
+    """The ranks of `comm` known to be lost, after the MPI error `error` (re-raised if it is not
+    a rank's loss)."""
+    if not lost_a_rank(error, comm):
+        raise error
+    failed = comm.Get_failed()
+    return set(MPI.Group.Translate_ranks(failed, list(range(failed.Get_size())), comm.Get_group()))
 
 
 def survive_clients(comm, federated_round, flat_params, algo, host):
@@ -177,25 +248,14 @@ def survive_clients(comm, federated_round, flat_params, algo, host):
                 # request freed while pending reports its failure later as fatal (seen).
                 interrupted.append(e)
                 result, finished = None, 0
-            try:
-                finished = survivors.Agree(finished)  # the same answer on every survivor
-            except MPI.Exception as e:  # raised on every survivor alike
-                if not lost_a_rank(e, survivors):
-                    raise
-                finished = 0
-            if finished:
+            lost, t0 = shrink_unless_all_finished(survivors, finished, "the server (rank 0)", "every client rank",
+                                                  f"in round {round_ + 1}")
+            if not lost:
                 return result
-            t0 = time.perf_counter()
-            lost = survivors.shrink()
-            if 0 in lost:
-                give_up("the server (rank 0)", f"in round {round_ + 1}")
-            if survivors.Get_size() < 2:
-                give_up("every client rank", f"in round {round_ + 1}")
             moved = move_clients_(host, lost, survivors.old_ranks)
             if server:
                 flat_params.copy_(start[0])
                 algo.load_state_(start[1])
-            leave_without_finalize(survivors)
             failures.append(dict(ranks=lost, round=round_ + 1, world_size=survivors.Get_size(), moved=moved,
                                  recovery_time=time.perf_counter() - t0))
             utils.print0(f"rank {', '.join(map(str, lost))} lost in round {round_ + 1}: clients "

@@ -63,38 +63,74 @@ def gradients_per_worker(results):
 
 # ----------------------------------------------------------------------------- the schedule, simulated
 
-def simulate(speeds, staleness, batches):
+def simulate(speeds, staleness, batches, deaths=None):
     """Drive async_ps.Server as serve_epoch does, with worker w taking speeds[w - 1] seconds per
-    gradient and no MPI; return (the size of every update, the server's final state)."""
-    state, clock, done_at, sizes = async_ps.Server(len(speeds), batches, staleness), 0.0, {}, []
+    gradient, no MPI, and worker w lost at time deaths[w] (--elastic); return (the size of every
+    update, the batches in the order their gradients were applied, the server's final state)."""
+    state, clock, done_at, sizes, applied, idle = async_ps.Server(len(speeds), batches, staleness), 0.0, {}, [], [], []
+    deaths = dict(deaths or {})
     done_at.update({w: speeds[w - 1] for w in state.computing})
+    idle += [w for w in state.read if w not in state.computing]
+
+    def hand_out(w):
+        if state.assign(w) is None:
+            idle.append(w)
+        else:
+            done_at[w] = clock + speeds[w - 1]
+
     while state.computing or state.held:
         group = state.next_update()
-        if not group:  # the next gradient to arrive
+        if not group:  # the next event: a gradient arrives, or a worker dies
             w = min(state.computing, key=done_at.get)
+            dying = min(deaths, key=deaths.get, default=None)
+            if dying is not None and deaths[dying] <= done_at[w]:
+                clock = deaths.pop(dying)
+                state.lose(dying)
+                if dying in idle:
+                    idle.remove(dying)
+                while state.todo and idle:
+                    hand_out(idle.pop())
+                continue
             clock = done_at[w]
             state.arrived(w)
             continue
+        applied += [state.batch[w] for w in group]
         state.applied(group)
         sizes.append(len(group))
         for w in group:
-            if state.assign(w) is not None:
-                done_at[w] = clock + speeds[w - 1]
-    assert state.next_batch == batches and sum(state.gradients.values()) == batches
-    return sizes, state
+            if w not in state.lost:
+                hand_out(w)
+    return sizes, applied, state
 
 
 @pytest.mark.parametrize("speeds", [(1.0, 1.0), (1.0, 5.0), (1.0, 1.3, 3.0, 1.1), (2.0, 1.0, 1.0, 7.0, 1.5)])
 def test_the_schedule_bounds_staleness_and_never_deadlocks(speeds):
     for s in (0, 1, 2, 3, 10):
-        sizes, state = simulate(speeds, s, batches=60)
+        sizes, applied, state = simulate(speeds, s, batches=60)
+        assert sorted(applied) == list(range(60)) and sum(state.gradients.values()) == 60
         assert max(map(int, state.tau)) <= s, (s, state.tau)
         if s == 0:  # the synchronous server: W gradients of the same weights per update
             assert sizes == [len(speeds)] * (60 // len(speeds)), sizes
-    sizes, state = simulate(speeds, math.inf, batches=60)  # async: each gradient on its own, at once
+    sizes, applied, state = simulate(speeds, math.inf, batches=60)  # async: each gradient on its own, at once
     assert sizes == [1] * 60
     if max(speeds) >= 5 * min(speeds):
         assert max(map(int, state.tau)) > 2, state.tau
+
+
+# (speeds, {worker: the time it dies}): mid-step; two at once; the slow one, its first batch not
+# done, while the other has finished the epoch's other batches; one idle already, then the slow one
+@pytest.mark.parametrize("speeds, deaths", [((1.0, 1.0, 1.0), {2: 2.5}), ((1.0, 1.3, 3.0, 1.1), {1: 4.2, 4: 4.2}),
+                                            ((1.0, 30.0), {2: 25.0}), ((1.0, 30.0, 1.0), {1: 25.0, 2: 26.0})])
+def test_a_lost_workers_batch_goes_to_another_and_every_batch_is_applied_once(speeds, deaths):
+    """--elastic: Server.lose puts back the batch the lost worker was computing; the
+    survivors apply every batch of the epoch once, under async and ssp alike."""
+    for s in (math.inf, 2, 0):
+        _, applied, state = simulate(speeds, s, batches=20, deaths=deaths)
+        assert sorted(applied) == list(range(20)), (s, applied)
+        assert sorted(state.lost) == sorted(deaths) and not state.todo
+        assert max(map(int, state.tau)) <= s
+        for w in deaths:  # nothing assigned after its death
+            assert state.gradients[w] <= deaths[w] // speeds[w - 1]
 
 
 # ----------------------------------------------------------------------------- DANA

@@ -93,14 +93,14 @@ def test_survivors_finish_equal_to_centralized_sgd(n, faults, allreduce, how, mo
     assert (got - centralized(7 - n, momentum)).abs().max() > 10 * TOL[momentum]
 
 
-def elastic_ps_run(n, tmp_path, *faults, how="exit", momentum=0):
+def elastic_ps_run(n, tmp_path, *faults, how="exit", momentum=0, more=()):
     """mpirun n ranks of dist_sgd_param_server.py --elastic, ending each (rank, call, function)
     of `faults` on that call of utils.<function>: train_step on a worker, set_lr on the server."""
     cmd = []
     for rank, call, function in faults:
         cmd += ["tests/inject_failure.py", rank, call, function]
     return mpirun(n, *cmd, "dist_sgd_param_server.py", *QUICK, "--batch-size", B, "--momentum", momentum,
-                  "--elastic", "--results", tmp_path / "r.json", "--save-model", tmp_path / "model.pt",
+                  *more, "--elastic", "--results", tmp_path / "r.json", "--save-model", tmp_path / "model.pt",
                   mca=ULFM, ft=True, timeout=120, env={"INJECT": how})
 
 
@@ -138,13 +138,51 @@ def test_a_lost_parameter_server_ends_the_job_with_one_line(tmp_path):
     assert time.time() - died < 10, f"the job took {time.time() - died:.1f} s to end after the fault"
 
 
+# 400 samples, 25 batches of B per epoch, 2 epochs, each a worker's step
+ASYNC = ["--max-steps", 50, "--lr", 0.02]
+
+
+# (flags, ranks, the worker, its train_step to die at, how): mid-epoch, under async, ssp and DANA
 @pytest.mark.slow
-def test_elastic_is_refused_with_the_asynchronous_server(tmp_path):
-    proc = mpirun(2, "dist_sgd_param_server.py", "--dataset", "synthetic", "--elastic", "--mode", "async",
-                  "--results", tmp_path / "r.json", mca=ULFM, ft=True, timeout=60)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("flags, n, rank, step, how", [
+    (("--mode", "async"), 4, 2, 3, "exit"),
+    (("--mode", "ssp", "--staleness", 1), 4, 1, 5, "kill"),
+    (("--mode", "async", "--dana", "--lr", 0.01), 5, 3, 4, "kill")])
+def test_asynchronous_server_gives_a_lost_workers_batch_to_another(flags, n, rank, step, how, tmp_path):
+    """Nothing is redone: the server gives the batch the lost worker was computing to the next
+    worker that asks, every batch is applied once per epoch, and the survivors shrink at its end."""
+    proc = elastic_ps_run(n, tmp_path, (rank, step, "train_step"), how=how, momentum=0.9, more=(*ASYNC, *flags))
+    assert proc.returncode == (1 if how == "exit" else 0), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    first, second = results["history"]
+    assert results["steps"] == 50 and [h["steps"] for h in results["history"]] == [25, 50]
+    assert sum(first["gradients_per_worker"]) == sum(second["gradients_per_worker"]) == 25
+    assert [lost["rank"] for lost in first["lost"]] == [rank] and first["gradients_per_worker"][rank - 1] < step
+    died = float(re.search(r"injected fault in utils.train_step, .* at ([\d.]+)", proc.stderr).group(1))
+    assert 0 < first["lost"][0]["time"] - died < 10  # the server noticed within seconds
+    assert len(second["gradients_per_worker"]) == n - 2 and "lost" not in second
+    assert results["failures"] == [dict(ranks=[rank], step=25, world_size=n - 1,
+                                        recovery_time=results["failures"][0]["recovery_time"])]
+    assert re.search(rf"^worker {rank} lost at step \d+: batch \d+ of the epoch goes to the next worker", proc.stdout,
+                     re.M), proc.stdout
+    assert re.search(rf"^rank {rank} lost: the epoch ended without it; continuing on {n - 1} ranks", proc.stdout,
+                     re.M), proc.stdout
+    if "ssp" in flags:
+        assert max(int(tau) for h in results["history"] for tau in h["staleness"]) <= 1
+    assert results["final_test_acc"] > 80  # it learned: chance is 10%, the uninterrupted runs reach 90-100%
+
+
+@pytest.mark.slow
+def test_a_lost_asynchronous_server_ends_the_job_with_one_line(tmp_path):
+    proc = elastic_ps_run(3, tmp_path, (0, 3, "set_lr"), more=(*ASYNC, "--mode", "async"))
+    assert proc.returncode != 0 and "Final test accuracy" not in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "--mode sync" in errors[0], proc.stderr
+    assert len(errors) == 1 and "parameter server (rank 0) was lost" in errors[0] and "--resume" in errors[0], \
+        proc.stderr
+    died = float(re.search(r"injected fault in utils.set_lr, .* at ([\d.]+)", proc.stderr).group(1))
+    assert time.time() - died < 10, f"the job took {time.time() - died:.1f} s to end after the fault"
 
 
 # ----------------------------------------------------------------------------- FedAvg
