@@ -594,13 +594,23 @@ def drift_paragraph(fed):
                       or not any(setting(o) == setting(tuned[kind(r)]) for o in rivals if kind(o) == kind(r))]
         return [f"{algorithm_name(r['config'])} {pct(r['final_test_acc'])}"
                 for r in sorted(rivals, key=lambda r: -r["final_test_acc"])] if len(rivals) > 1 else []
-    for split in [non["split"], *sorted({r["split"] for r in fed.values()} - {iid["split"], non["split"]})]:
+    splits = [non["split"], *sorted({r["split"] for r in fed.values()} - {iid["split"], non["split"]}), iid["split"]]
+    for split in splits:
         parts = remedies(split)
         if parts and split == non["split"]:
             text += (f" The remedies on the shards, after the same {plural(last + 1, 'round')}, each with the best "
                      f"μ or momentum of the sweep: {', '.join(parts)}.")
+        elif parts and split == iid["split"]:
+            text += f" With iid clients, which have little drift to correct: {', '.join(parts)}."
         elif parts:
             text += f" With a {split.split(', ')[-1]} split: {', '.join(parts)}."
+    # the baseline at SCAFFOLD's bytes (bench/fed_sweep.py's fedavg_2x): more rounds of fewer local steps
+    twice = {r["split"]: r for name, r in fed.items() if name.endswith("_fedavg_2x")}
+    if twice:
+        where = [f"{pct(twice[split]['final_test_acc'])} {'iid' if split == iid['split'] else 'on the shards' if split == non['split'] else 'on ' + split.split(', ')[-1]}"
+                 for split in splits if split in twice]
+        text += (f" FedAvg with SCAFFOLD's bytes spent on twice the rounds, of half the local steps, reaches "
+                 f"{', '.join(where)}.")
     return text
 
 
