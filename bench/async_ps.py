@@ -22,7 +22,8 @@ runs one after another, each as its own mpirun job with the same data, seed and 
   default lr, sync's over W, gives it sync's lr per sample. Four DANA probes (lr 0.025,
   0.0177 and 0.0125 with momentum 0.9, lr 0.025 with 0.8) show no trend in lr beyond the
   spread of repeated runs, so async-dana keeps its default, untuned. --longer E runs sync,
-  async-m0.6-lr0.025 and async-dana for E epochs without a straggler (records in longer/),
+  async-m0.6-lr0.025 and async-dana for E epochs without a straggler (records in longer/;
+  with --seeds, also with seeds 1 and 2),
   for the accuracy gap after each epoch. Async runs are not reproducible (gradients arrive
   in another order each time), so one run per setting cannot tell a small gap: --seeds runs
   the same three without a straggler with seeds 1 and 2 as well (records in seeds/), and
@@ -150,12 +151,15 @@ def probe(out, epochs):
                     f"the {mode} probe at lr {lr:g}, momentum {momentum:g}")
 
 
-def longer(out, epochs):
+def longer(out, epochs, seeds_too):
     """sync and the best async modes without a straggler, for `epochs` epochs each, into longer/: the
-    accuracy gap after each epoch. Each run's lr schedule spans its own epochs."""
-    for mode in LONGER:
-        results = os.path.join(out, "longer", f"{mode}_{epochs}ep.json")
-        run_missing(results, cifar_command(mode, epochs, results), f"{mode} over {epochs} epochs")
+    accuracy gap after each epoch. Each run's lr schedule spans its own epochs. `seeds_too`: with each
+    of SEEDS as well (<mode>_<E>ep_seed<s>.json)."""
+    for seed in (0, *SEEDS) if seeds_too else (0,):
+        for mode in LONGER:
+            results = os.path.join(out, "longer", f"{mode}_{epochs}ep{f'_seed{seed}' if seed else ''}.json")
+            run_missing(results, cifar_command(mode, epochs, results) + (["--seed", str(seed)] if seed else []),
+                        f"{mode} over {epochs} epochs with seed {seed}")
 
 
 def seeds(out, epochs):
@@ -291,22 +295,42 @@ def render(record, out, md_path, fig_path):
                 r = json.load(f)
             lines.append(f"| async{'-dana' if r['config'].get('dana') else ''} | {r['config']['lr']:g} | "
                          f"{r['config']['momentum']:g} | {r['final_test_acc']:.2f}% |")
+    longer_gap = None  # (epochs, sync's lead over the better async, in the mean of the seeds)
     for path in sorted(glob.glob(os.path.join(out, "longer", f"{LONGER[0]}_*ep.json"))):
-        by_mode = {}
+        by_mode = {}  # mode: [its history with seed 0, 1, ...], while every seed's record exists
         for mode in LONGER:
             mode_path = path.replace(f"{os.sep}{LONGER[0]}_", f"{os.sep}{mode}_")
-            if os.path.exists(mode_path):
-                with open(mode_path) as f:
-                    by_mode[mode] = json.load(f)["history"]
-        epochs_, others = len(by_mode[LONGER[0]]), [m for m in LONGER[1:] if m in by_mode]
+            for seed_path in [mode_path] + [mode_path.replace(".json", f"_seed{s}.json") for s in SEEDS]:
+                if not os.path.exists(seed_path):
+                    break
+                with open(seed_path) as f:
+                    by_mode.setdefault(mode, []).append(json.load(f)["history"])
+        epochs_, others = len(by_mode[LONGER[0]][0]), [m for m in LONGER[1:] if m in by_mode]
+        seeded = all(len(by_mode[m]) == len(SEEDS) + 1 for m in [LONGER[0], *others])
         lines += ["", f"Longer runs (`--longer {epochs_}`), no straggler: test accuracy after each epoch of "
-                  f"{epochs_}-epoch runs (the lr schedule spans the {epochs_} epochs); the gap is sync's lead.", "",
+                  f"{epochs_}-epoch runs (the lr schedule spans the {epochs_} epochs); the gap is sync's lead"
+                  + (f". Seed 0, then the mean of seeds 0, {', '.join(map(str, SEEDS))} (`--seeds`)." if seeded
+                     else "."), "",
                   "| epoch | " + " | ".join([LONGER[0]] + [f"{m} | gap, points" for m in others]) + " |",
                   "|---|" + "---|---|" * len(others) + "---|"]
-        for i, h in enumerate(by_mode[LONGER[0]]):
-            cells = [f"{h['test_acc']:.2f}%"] + [f"{by_mode[m][i]['test_acc']:.2f}% | "
-                                                  f"{h['test_acc'] - by_mode[m][i]['test_acc']:+.2f}" for m in others]
-            lines.append(f"| {h['epoch']} | " + " | ".join(cells) + " |")
+        for label, pick in [("", lambda runs: runs[0])] + [(f", mean of {len(SEEDS) + 1} seeds", None)] * seeded:
+            for i in range(epochs_):
+                acc = {m: (pick(by_mode[m])[i]["test_acc"] if pick else
+                           sum(h[i]["test_acc"] for h in by_mode[m]) / len(by_mode[m])) for m in [LONGER[0], *others]}
+                cells = [f"{acc[LONGER[0]]:.2f}%"] + [f"{acc[m]:.2f}% | {acc[LONGER[0]] - acc[m]:+.2f}" for m in others]
+                lines.append(f"| {i + 1}{label} | " + " | ".join(cells) + " |")
+            if not pick:
+                longer_gap = epochs_, acc[LONGER[0]] - max(acc[m] for m in others)
+        for rerun in sorted(glob.glob(os.path.join(out, "longer", "rerun", f"*_{epochs_}ep.json"))):
+            with open(rerun) as f:
+                again = json.load(f)
+            mode = os.path.basename(rerun)[:-len(f"_{epochs_}ep.json")]
+            lines += ["", f"Seeds 1 and 2 of these runs ran in a later session than seed 0, on another host. The "
+                      f"seed-0 {mode} run again there, "
+                      f"with the same command (record in `longer/rerun/`): "
+                      + ", ".join(f"{h['test_acc']:.2f}%" for h in again["history"])
+                      + f" after each epoch, against the table's "
+                      + ", ".join(f"{h['test_acc']:.2f}%" for h in by_mode[mode][0]) + "."]
     by = {(row["mode"], row["straggler"]): row for row in rows}
     means = seed_means(out, by)
     if means:
@@ -339,6 +363,11 @@ def render(record, out, md_path, fig_path):
         gap = means["sync"][1] - max(mean for mode, (_, mean) in means.items() if mode != "sync")
         lines.append(f"| async accuracy vs sync, same samples (none), mean of {len(SEEDS) + 1} seeds: sync minus the "
                      f"better async, points | <= {TARGETS['async_accuracy_points']} | {gap:+.2f} | "
+                     f"{'yes' if gap <= TARGETS['async_accuracy_points'] else 'no'} |")
+    if longer_gap:
+        epochs_, gap = longer_gap
+        lines.append(f"| async accuracy vs sync after {epochs_} epochs (none), mean of {len(SEEDS) + 1} seeds: sync "
+                     f"minus the better async, points | <= {TARGETS['async_accuracy_points']} | {gap:+.2f} | "
                      f"{'yes' if gap <= TARGETS['async_accuracy_points'] else 'no'} |")
     lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in record["runs"]]
     with open(md_path, "w") as f:
@@ -444,7 +473,7 @@ def main():
         if args.probes:
             probe(out, args.epochs)
         if args.longer:
-            longer(out, args.longer)
+            longer(out, args.longer, args.seeds)
         if args.seeds:
             seeds(out, args.epochs)
         if args.lost:
