@@ -62,6 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
+from bench.elastic import ULFM  # noqa: E402  (the launch flags --elastic needs)
 from extensions import async_ps  # noqa: E402
 
 MPIRUN = shutil.which("mpirun", path=sysconfig.get_path("scripts")) or shutil.which("mpirun") or "mpirun"
@@ -82,7 +83,6 @@ LONGER = ("sync", "async-m0.6-lr0.025", "async-dana")  # --longer: does async's 
 SEEDS, SEEDED = (1, 2), ("sync", "async-m0.6-lr0.025", "async-dana")  # --seeds: the same runs with other seeds
 # --lost: async-dana with --elastic, whole, then with worker 2 killed at its 50th gradient (of about 195)
 LOST, LOST_WORKER, LOST_AT = "async-dana", 2, 50
-ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self"]  # what --elastic needs
 
 
 def runs(tiny, stragglers=tuple(STRAGGLERS), modes=tuple(MODES)):

@@ -1,6 +1,7 @@
 """--elastic (extensions/elastic.py): when a rank dies, the survivors shrink the communicator,
 redo the interrupted step on the same global batch, and end where centralized SGD on that
 batch ends, and where the uninterrupted run ends. The same for the parameter server's workers;
+the asynchronous servers (async, ssp) redo nothing and give a lost worker's batch to another;
 a lost server ends the job with one line.
 
     python -m pytest -q tests/test_elastic.py            # one serverless failure, in the default tier
