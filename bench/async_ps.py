@@ -92,15 +92,16 @@ def runs(tiny, stragglers=tuple(STRAGGLERS), modes=tuple(MODES)):
     return [(f"{mode}_{s}", s, mode) for s in STRAGGLERS if s in stragglers for mode in MODES if mode in modes]
 
 
-def command(mode, straggler, workers, data, results):
-    """The mpirun command line of one run (the serverless script runs on the W worker ranks)."""
+def command(mode, straggler, workers, data, results, launch=(), wrapper=()):
+    """The mpirun command line of one run (the serverless script runs on the W worker ranks).
+    `launch`: more mpirun flags; `wrapper`: a script that runs the script (tests/inject_failure.py)."""
     if MODES[mode] is None:
         script, n, flags = "dist_sgd_serverless.py", workers, []
         slow = ["--straggler", "1:3", *STRAGGLERS[straggler][2:]] if STRAGGLERS[straggler] else []
     else:
         script, n, flags, slow = "dist_sgd_param_server.py", workers + 1, MODES[mode], STRAGGLERS[straggler]
-    return [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-n", str(n), sys.executable, script,
-            *data, *flags, *slow, "--results", results]
+    return [MPIRUN, "--allow-run-as-root", "--oversubscribe", *launch, "-n", str(n), sys.executable, *wrapper,
+            script, *data, *flags, *slow, "--results", results]
 
 
 def measure(out, tiny, epochs, stragglers, modes):
@@ -137,9 +138,9 @@ def measure(out, tiny, epochs, stragglers, modes):
     return record
 
 
-def cifar_command(mode, epochs, results):
+def cifar_command(mode, epochs, results, **how):
     """The command of one run of `mode` on CIFAR-10 for `epochs` epochs, no straggler, 4 workers."""
-    return command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results)
+    return command(mode, "none", 4, ["--dataset", "cifar10", "--epochs", str(epochs)], results, **how)
 
 
 def probe(out, epochs):
@@ -177,10 +178,8 @@ def lost(out, epochs):
     kill goes to lost/kill.json. The two run on the same transport, one after the other."""
     for name in ("whole", "killed"):
         results = os.path.join(out, "lost", f"{LOST}_{name}.json")
-        cmd = cifar_command(LOST, epochs, results) + ["--elastic"]
-        python = cmd.index(sys.executable) + 1
         inject = ["tests/inject_failure.py", str(LOST_WORKER), str(LOST_AT), "train_step"] if name == "killed" else []
-        killed = run_missing(results, [cmd[0], *ULFM, *cmd[1:python], *inject, *cmd[python:]],
+        killed = run_missing(results, cifar_command(LOST, epochs, results, launch=ULFM, wrapper=inject) + ["--elastic"],
                              f"{LOST} with --elastic ({name})", env={"INJECT": "kill"})
         if killed:
             utils.write_atomically(os.path.join(out, "lost", "kill.json"), lambda f: json.dump(
@@ -313,13 +312,13 @@ def render(record, out, md_path, fig_path):
                      else "."), "",
                   "| epoch | " + " | ".join([LONGER[0]] + [f"{m} | gap, points" for m in others]) + " |",
                   "|---|" + "---|---|" * len(others) + "---|"]
-        for label, pick in [("", lambda runs: runs[0])] + [(f", mean of {len(SEEDS) + 1} seeds", None)] * seeded:
+        # seed 0's runs; then, with every seed's, their mean
+        for label, n in [("", 1)] + [(f", mean of {len(SEEDS) + 1} seeds", len(SEEDS) + 1)] * seeded:
             for i in range(epochs_):
-                acc = {m: (pick(by_mode[m])[i]["test_acc"] if pick else
-                           sum(h[i]["test_acc"] for h in by_mode[m]) / len(by_mode[m])) for m in [LONGER[0], *others]}
+                acc = {m: sum(h[i]["test_acc"] for h in by_mode[m][:n]) / n for m in [LONGER[0], *others]}
                 cells = [f"{acc[LONGER[0]]:.2f}%"] + [f"{acc[m]:.2f}% | {acc[LONGER[0]] - acc[m]:+.2f}" for m in others]
                 lines.append(f"| {i + 1}{label} | " + " | ".join(cells) + " |")
-            if not pick:
+            if n > 1:
                 longer_gap = epochs_, acc[LONGER[0]] - max(acc[m] for m in others)
         for rerun in sorted(glob.glob(os.path.join(out, "longer", "rerun", f"*_{epochs_}ep.json"))):
             with open(rerun) as f:

@@ -126,7 +126,7 @@ def render(out, tiny, md_path, fig_dir):
     records = {}
     for path in sorted(glob.glob(os.path.join(out, "*.json"))):
         name = os.path.basename(path)[:-len(".json")]
-        split = max((s for s in SPLITS if name.startswith(s + "_")), key=len, default=None)
+        split = split_of(name)
         if split is None:
             continue
         label = name[len(split) + 1:]
@@ -165,8 +165,7 @@ def render(out, tiny, md_path, fig_dir):
             h = r["history"]
             clients = r["bytes_per_rank"][1:]
             mb = sum(b["bytes_sent"] + b["bytes_recv"] for b in clients) / len(clients) / 1e6
-            shared = ("*" if f"{split}_{label}" in SHARED_CORES and not tiny else "") + \
-                     ("‡" if f"{split}_{label}" in FASTER_HOST and not tiny else "")
+            shared = "" if tiny else "*" * (f"{split}_{label}" in SHARED_CORES) + "‡" * (f"{split}_{label}" in FASTER_HOST)
             lines.append(f"| {split} | {describe(label, r)}{' (†)' * untuned(split, label)} | {len(h)} | "
                          f"{r['final_test_acc']:.2f} | {max(x['test_acc'] for x in h):.2f} | {mb:.1f} | "
                          f"{sum(x['round_time'] for x in h):.0f}{shared} |")
@@ -181,10 +180,11 @@ def render(out, tiny, md_path, fig_dir):
     if any("(†)" in line for line in lines):
         lines += ["", f"(†) Not the value tuned on {TUNE_SPLIT} now: a run from an earlier, narrower tuning, kept "
                   "beside the tuned value's run where that has run too."]
-    if any(line.endswith(("* |", "*‡ |")) for line in lines):
+    names = {f"{split}_{label}" for split, runs in records.items() for label in runs}
+    if names & SHARED_CORES and not tiny:
         lines += ["", "\\* Another job (a test run) shared the 2 cores for part of this run: its train s is longer "
                   "than the run alone would take. Accuracy and bytes do not depend on it."]
-    lines += host_check(out, records) if any(line.endswith("‡ |") for line in lines) else []
+    lines += host_check(out, records) if names & FASTER_HOST and not tiny else []
     mean = lambda xs: sum(x for x in xs if x is not None) / max(1, sum(x is not None for x in xs))
     if iid and non and all("drift" in h for h in iid["history"] + non["history"]):
         lines += ["", f"Client drift, FedAvg (`--measure-drift`, extensions/drift.py): per round, the client models' "
@@ -241,6 +241,11 @@ def render(out, tiny, md_path, fig_dir):
     return md_path
 
 
+def split_of(name):
+    """The split of a record named <split>_<label> (the longest that fits: non-iid_alpha0.1, not non-iid)."""
+    return max((s for s in SPLITS if name.startswith(s + "_")), key=len, default=None)
+
+
 def host_check(out, records):
     """The footnote of the runs made on a later session's host: each record in <out>/rerun/, the
     same command as the table's record run again on that host, set against the table's record."""
@@ -250,7 +255,7 @@ def host_check(out, records):
              "train s, the table's / again | x faster |", "|---|---|---|---|---|"]
     for path in sorted(glob.glob(os.path.join(out, "rerun", "*.json"))):
         name = os.path.basename(path)[:-len(".json")]
-        split = max((s for s in SPLITS if name.startswith(s + "_")), key=len)
+        split = split_of(name)
         with open(path) as f:
             again, before = json.load(f), records[split][name[len(split) + 1:]]
         t_before, t_again = (sum(x["round_time"] for x in r["history"]) for r in (before, again))

@@ -606,11 +606,11 @@ def drift_paragraph(fed):
             text += f" With a {split.split(', ')[-1]} split: {', '.join(parts)}."
     # the baseline at SCAFFOLD's bytes (bench/fed_sweep.py's fedavg_2x): more rounds of fewer local steps
     twice = {r["split"]: r for name, r in fed.items() if name.endswith("_fedavg_2x")}
+    where = {iid["split"]: "iid", non["split"]: "on the shards"}
     if twice:
-        where = [f"{pct(twice[split]['final_test_acc'])} {'iid' if split == iid['split'] else 'on the shards' if split == non['split'] else 'on ' + split.split(', ')[-1]}"
-                 for split in splits if split in twice]
         text += (f" FedAvg with SCAFFOLD's bytes spent on twice the rounds, of half the local steps, reaches "
-                 f"{', '.join(where)}.")
+                 + ", ".join(f"{pct(twice[split]['final_test_acc'])} {where.get(split, 'on ' + split.split(', ')[-1])}"
+                             for split in splits if split in twice) + ".")
     return text
 
 

@@ -163,6 +163,7 @@ def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, ar
     num_workers = comm.Get_size() - 1  # --elastic: the workers still here
     inbox = inbox[:num_workers]
     in_job = job_ranks(comm)  # DANA's buffers are the workers' ranks in the whole job
+    workers_in_job = MPI.COMM_WORLD.Get_size() - 1
     state = Server(num_workers, batches, staleness)
     requests = [comm.Irecv(inbox[w - 1], source=w, tag=GRADIENT) if w in state.computing else MPI.REQUEST_NULL
                 for w in state.read]
@@ -216,7 +217,7 @@ def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, ar
         flat_grads.copy_(inbox[[w - 1 for w in group]].sum(dim=0)).div_(len(group))
         utils.set_lr(optimizer, lr / max(1, tau) if args.staleness_lr else lr)
         if args.dana:
-            use_momentum_of(optimizer, in_job[group[0]], MPI.COMM_WORLD.Get_size() - 1)
+            use_momentum_of(optimizer, in_job[group[0]], workers_in_job)
         optimizer.step()
         utils.sync(flat_params.device)
         update_time += time.perf_counter() - t0
