@@ -9,6 +9,7 @@ half of them, and takes one SGD step under a one-cycle lr schedule. Rank 0 of an
 job with N ranks and per-rank batch b sees the same global batches as this script with
 batch N*b, which is how tests check that the distributed scripts compute the same thing.
 """
+import math
 import time
 
 import torch
@@ -28,6 +29,7 @@ def train_epoch(model, optimizer, train, epoch, step, total_steps, args):
         utils.set_lr(optimizer, utils.lr_at(step, total_steps, args.lr, args.warmup))
         optimizer.zero_grad(set_to_none=True)
         loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
+        utils.clip_gradients_(optimizer, args.clip_norm)
         optimizer.step()
         step, n_steps = step + 1, n_steps + 1
     return step, loss_sum.item() / max(1, n_steps)
@@ -67,6 +69,8 @@ def main():
                  test_acc=100 * correct / len(x_test), train_time=train_time, epoch_time=time.perf_counter() - t0)
         utils.print0(f"epoch {h['epoch']:3d}/{args.epochs} | train loss {h['train_loss']:.4f} | "
                      f"test acc {h['test_acc']:6.2f}% | {h['epoch_time']:6.1f} s")
+        if not math.isfinite(train_loss):
+            utils.fail(f"training diverged (train loss {train_loss}); lower --lr", code=1)
         progress.update(epoch=epoch + 1, step=step, history=progress["history"] + [h],
                         wall_time=time.perf_counter() - t_start)
         if args.checkpoint:

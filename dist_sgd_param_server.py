@@ -82,14 +82,15 @@ def average_gradients_(flat_grads, inbox):
     flat_grads.copy_(inbox.sum(dim=0)).div_(len(inbox))
 
 
-def server_step(optimizer, flat_params, flat_grads, inbox, lr, comm, traffic, device_ok, average_):
+def server_step(optimizer, flat_params, flat_grads, inbox, lr, comm, traffic, device_ok, average_, clip_norm):
     """The server's step: wait for all W gradients, average them, take the SGD step (the
-    server alone holds the momentum), and send the new weights to every worker.
+    server alone holds the momentum; --clip-norm first), and send the new weights to every worker.
     Returns the seconds spent on the update itself."""
     with utils.staged(inbox) as buf:  # (W, P): on the host unless MPI reads GPU memory
         traffic.add(gather_gradients_(buf, comm))
     t0 = time.perf_counter()
     average_(flat_grads, inbox)
+    utils.clip_gradients_(optimizer, clip_norm)  # the global batch's gradient, as cent_sgd.py clips
     utils.set_lr(optimizer, lr)
     optimizer.step()
     utils.sync(flat_params.device)
@@ -138,7 +139,7 @@ def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, 
         if rank == SERVER:
             lr = utils.lr_at(step, total_steps, args.lr, args.warmup)
             update_time += server_step(optimizer, flat_params, flat_grads, inbox, lr, comm, traffic, device_ok,
-                                       average_)
+                                       average_, args.clip_norm)
         else:
             loss, seconds = worker_step(model, flat_params, flat_grads, x_train[idx], y_train[idx], flip,
                                         comm, traffic, device_ok, straggle)

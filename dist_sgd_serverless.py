@@ -175,6 +175,7 @@ def train_epoch(model, optimizer, flat_grads, train, epoch, total_steps, global_
         t0 = time.perf_counter()
         traffic.add(average_(flat_grads, comm, allreduce_, device_ok))
         in_call.append(time.perf_counter() - t0)
+        utils.clip_gradients_(optimizer, args.clip_norm)  # the global batch's gradient, as cent_sgd.py clips
         optimizer.step()
         step += 1
     return step, loss_sum.item() / max(1, len(in_call)), np.array(in_call)

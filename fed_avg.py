@@ -26,7 +26,8 @@ steps it takes.
 FedAvg counts --rounds and --local-epochs (E in the paper), so this script has no --epochs.
 --max-steps S caps each client's SGD steps per round. With S = 1 and --momentum 0 each
 round is one data-parallel SGD step whose gradient weights client k by n_k (FedSGD), which
-tests check. The lr follows a one-cycle schedule over each client's local steps of the run.
+tests check; exactly so while no client's gradient is longer than --clip-norm, since each
+client clips its own. The lr follows a one-cycle schedule over each client's local steps of the run.
 Results go to results/fed_avg_<split>.json, the split's plot to figures/data_distribution_<split>.png.
 
 Beyond the assignment, through one hook each: --algorithm fedprox|fedavgm|scaffold|fedrs|fedlc
@@ -65,10 +66,11 @@ def split_indices(labels, num_clients, method, seed, alpha=None):
     Every index goes to exactly one client, every client gets at least one, and the same
     (labels, num_clients, method, seed, alpha) always gives the same split.
       iid                a seeded shuffle cut into near-equal parts (sizes differ by at most 1).
-      non-iid            label skew, the "pathological" split of McMahan et al. 2017: sort by
-                         label, cut into 2 x num_clients equal shards, deal each client 2 random
-                         shards. A client sees 2 classes when shards align with classes (10
-                         classes, 5 clients), up to 4 when a shard straddles two (4 clients).
+      non-iid            label skew after the "pathological" split of McMahan et al. 2017: sort
+                         by label, cut into 2 x num_clients equal shards, deal each client 2 random
+                         shards. McMahan's 200 shards of 300 images each held one class, so a client
+                         had at most 2; here a shard holds one class only when shards align with
+                         classes (10 classes, 5 clients), and a client of 4 sees 3 or 4 classes.
       non-iid, alpha=a   Dirichlet label skew (Hsu et al. 2019): each class is divided among the
                          clients in proportions drawn from Dirichlet(a, ..., a). Small a (0.1):
                          few classes per client and unequal sizes; large a (1000): nearly iid.
@@ -228,6 +230,7 @@ def client_update(model, train, shard, client, round_, args, step_=fed_algorithm
         utils.set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=False)  # keep .grad as views into the flat buffer
         loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip, loss_fn)
+        utils.clip_gradients_(optimizer, args.clip_norm)  # the loss's gradient, before a variant amends it
         step_(optimizer, lr)
     return loss_sum.item(), steps
 

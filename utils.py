@@ -36,6 +36,10 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 # cent_sgd.py's lr and batch; the distributed scripts scale the lr from these (scaled_lr)
 BASE_LR, BASE_BATCH = 0.05, 64
+# Without BatchNorm this model sits at the edge of stability near the peak lr: a few steps' gradients
+# grow many times their usual norm, and on some seeds and hosts the run then diverges or falls to
+# chance. Clipping the norm bounds those steps and leaves the typical ones alone (clip_gradients_).
+CLIP_NORM = 5.0
 
 
 def print0(*args, **kwargs):
@@ -111,6 +115,9 @@ def get_parser(script, description, *, epochs, batch_size, lr, batch_help="sampl
     p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum; 0 for plain SGD")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty")
     p.add_argument("--warmup", type=float, default=0.2, help="fraction of steps spent ramping the lr up")
+    p.add_argument("--clip-norm", type=float, default=CLIP_NORM,
+                   help="scale the gradient each step uses (the average, where ranks average) down to this "
+                        "L2 norm when it is longer; 0: never")
     p.add_argument("--seed", type=int, default=0, help="seed (>= 0) for model init, data order and augmentation")
     # data
     p.add_argument("--dataset", choices=("cifar10", "synthetic"), default="cifar10",
@@ -141,6 +148,8 @@ def check_args(args):
         fail(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.weight_decay < 0:
         fail(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.clip_norm < 0:
+        fail(f"--clip-norm must be >= 0 (0: no clipping), got {args.clip_norm}")
     if not 0 <= args.warmup < 1:
         fail(f"--warmup must be in [0, 1), got {args.warmup}")
     if args.seed < 0:
@@ -302,6 +311,8 @@ def load_data(args, device, comm=None):
 
     Under MPI pass `comm`, so that the ranks agree on whether loading worked (see load_cifar10).
     """
+    global DATA_READ
+    DATA_READ = args.dataset, args.data_dir
     if args.dataset == "synthetic":
         train, test = make_synthetic(seed=1234)
     else:
@@ -309,6 +320,24 @@ def load_data(args, device, comm=None):
     if args.train_size:
         train = tuple(t[:args.train_size] for t in train)
     return tuple((x.to(device), y.to(device)) for x, y in (train, test))
+
+
+DATA_READ = None  # (--dataset, --data-dir) of the last load_data, for the record (data_source)
+CIFAR10_TEST_MD5 = "40351d587109b95175f43aff81a1287e"  # test_batch of the official cifar-10-python.tar.gz
+
+
+def data_source():
+    """What load_data read, in words: synthetic, the official CIFAR-10 files, or another copy of them
+    (one rebuilt from JPEGs, say, whose accuracies are close to but not those of the official files)."""
+    if DATA_READ is None:
+        return None
+    dataset, data_dir = DATA_READ
+    if dataset == "synthetic":
+        return "synthetic (utils.make_synthetic)"
+    import hashlib
+    with open(os.path.join(data_dir, "cifar-10-batches-py", "test_batch"), "rb") as f:
+        official = hashlib.md5(f.read()).hexdigest() == CIFAR10_TEST_MD5
+    return "CIFAR-10, the official files" if official else "CIFAR-10, a copy that differs from the official files"
 
 
 def load_cifar10(data_dir, comm=None):
@@ -549,6 +578,15 @@ def make_optimizer(params, args):
                            weight_decay=args.weight_decay)
 
 
+def clip_gradients_(optimizer, max_norm):
+    """Scale the gradients of the optimizer's parameters in place so that their joint L2 norm is at
+    most `max_norm` (--clip-norm; 0: leave them). Every script calls it on the gradient its step
+    uses, after any average over ranks, so the equivalences with centralized SGD still hold."""
+    if max_norm:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def train_step(model, x, y, flip, loss_fn=F.cross_entropy):
     """Forward and backward on one batch (or one rank's share of it); returns its mean loss."""
     loss = loss_fn(model(normalize(x, flip)), y)
@@ -575,7 +613,7 @@ def evaluate(model, x, y, batch_size=1000):
 def save_results(path, results):
     """Write the run's record (config, metrics, timings, hardware) as JSON, atomically.
     `max_rss_mb` is the peak resident memory of the process that writes it (rank 0)."""
-    results = dict(results, hardware=hardware(), torch=torch.__version__,
+    results = dict(results, data=data_source(), hardware=hardware(), torch=torch.__version__,
                    max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_atomically(path, lambda f: json.dump(results, f, indent=1))

@@ -63,6 +63,7 @@ sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
 from bench.elastic import ULFM  # noqa: E402  (the launch flags --elastic needs)
+from bench.report import recipe  # noqa: E402
 from extensions import async_ps  # noqa: E402
 
 MPIRUN = shutil.which("mpirun", path=sysconfig.get_path("scripts")) or shutil.which("mpirun") or "mpirun"
@@ -254,6 +255,17 @@ def summarize(record, out):
     return rows, same_time
 
 
+def run_configs(out):
+    """The configs of every run record under `out`."""
+    configs = []
+    for path in sorted(glob.glob(os.path.join(out, "**", "*.json"), recursive=True)):
+        with open(path) as f:
+            r = json.load(f)
+        if "config" in r:
+            configs.append(r["config"])
+    return configs
+
+
 def render(record, out, md_path, fig_path):
     rows, same_time = summarize(record, out)
     sync = {row["straggler"]: row["samples_per_s"] for row in rows if row["mode"] == "sync"}
@@ -269,7 +281,8 @@ def render(record, out, md_path, fig_path):
              f"tau: server updates between a worker's read and its gradient's application. The workers and the "
              f"server time-share the cores, so a sleeping straggler frees CPU for the others (sleep3) while a "
              f"spinning one keeps it (busy3)."
-             + (f" Not run: {', '.join(skipped)}." if skipped and not meta["tiny"] else ""), "",
+             + (f" Not run: {', '.join(skipped)}." if skipped and not meta["tiny"] else "")
+             + " " + recipe(run_configs(out)), "",
              f"| run | straggler | samples/s | x sync | mean tau | max tau | test acc, same samples | "
              f"test acc at {same_time:.0f} s |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:

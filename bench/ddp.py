@@ -60,6 +60,7 @@ def build(variant, comm, lr, momentum, weight_decay):
                 ALLREDUCE["mpi"](flat_grads.numpy(), comm)
                 flat_grads.div_(world_size)
             t = time.perf_counter() - t
+            utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
             optimizer.step()
             return t
 
@@ -67,6 +68,7 @@ def build(variant, comm, lr, momentum, weight_decay):
         def step(x, y, flip):
             optimizer.zero_grad()
             utils.train_step(model, x, y, flip)  # DDP all-reduces inside backward
+            utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
             optimizer.step()
             return 0.0
 
@@ -83,6 +85,7 @@ def build(variant, comm, lr, momentum, weight_decay):
             for p, g in zip(params, flat.split(sizes)):  # unpack: another copy
                 p.grad.copy_(g.view(p.shape))
             t = time.perf_counter() - t
+            utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
             optimizer.step()
             return t
 
@@ -120,6 +123,7 @@ def build(variant, comm, lr, momentum, weight_decay):
             MPI.Request.Waitall(requests)
             flat_grads.div_(world_size)
             t = time.perf_counter() - t
+            utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
             optimizer.step()
             return t
 

@@ -39,7 +39,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.report import algorithm_name  # noqa: E402  (the README names them alike)
+from bench.report import algorithm_name, recipe  # noqa: E402  (the README names them alike)
 
 MPIRUN = shutil.which("mpirun", path=sysconfig.get_path("scripts")) or shutil.which("mpirun") or "mpirun"
 SPLITS = {"iid": [], "non-iid": ["--split-method", "non-iid"],
@@ -149,7 +149,8 @@ def render(out, tiny, md_path, fig_dir):
                   f"Dataset {c['dataset']}, {any_run['world_size']} ranks (a server and {len(any_run['client_sizes'])} "
                   f"clients), {c['local_epochs']} local epoch per round, seed {c['seed']}, on {hw['cpu']} "
                   f"({hw['cores']} cores, GPU: {hw['gpu'] or 'none'}). One seed per run: differences of a point or "
-                  f"two may be noise.", ""]
+                  f"two may be noise. "
+                  + recipe([r["config"] for runs in records.values() for r in runs.values()]), ""]
     tuned = {prefix: best_label(tune, prefix)[len(prefix):]
              for prefix in ("fedprox_mu", "fedavgm_b") if any(label.startswith(prefix) for label in tune)}
 

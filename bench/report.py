@@ -257,10 +257,60 @@ def records(folder):
     """The reference run's records: the scripts' (from HW5.ipynb), the notebook's own, and the bench's."""
     r = {name: load(os.path.join(folder, f"{name}.json")) for name in (*SCRIPTS, "allreduce_n4", "notebook")}
     r["bench"] = bench_records(os.path.join(folder, "bench"))
+    r["runs"] = seed_runs(os.path.join(folder, "runs"))
     fed = os.path.join(folder, "fed")  # bench/fed_sweep.py's records: <split>_<label>.json
     r["fed"] = {name[:-len(".json")]: load(os.path.join(fed, name))
                 for name in sorted(os.listdir(fed)) if name.endswith(".json")} if os.path.isdir(fed) else {}
     return r
+
+
+COMMANDS = {"cent_sgd": "python cent_sgd.py", "dist_sgd_serverless": "mpirun -n 4 python dist_sgd_serverless.py",
+            "dist_sgd_param_server": "mpirun -n 5 python dist_sgd_param_server.py",
+            "fed_avg_iid": "mpirun -n 5 python fed_avg.py",
+            "fed_avg_non-iid": "mpirun -n 5 python fed_avg.py --split-method non-iid"}
+
+
+def seed_runs(folder):
+    """bench/reference.py's headline runs, {name: [record, ...] in seed order}, for the names it has run."""
+    out = {}
+    for name in SCRIPTS:
+        seeds = [load(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if re.fullmatch(
+            rf"{re.escape(name)}_seed\d+\.json", f)] if os.path.isdir(folder) else []
+        if seeds:
+            out[name] = sorted(seeds, key=lambda r: r["config"]["seed"])
+    return out
+
+
+def spread(runs):
+    """'78.0% (77.5–78.4, 3 seeds)': the mean final accuracy and its range over the seeds."""
+    accs = [r["final_test_acc"] for r in runs]
+    return f"{sum(accs) / len(accs):.2f}% ({min(accs):.2f}–{max(accs):.2f}, {plural(len(accs), 'seed')})"
+
+
+def host_of(r):
+    h = r["provenance"]["host"]
+    return (f"{h['cpu']} (family {h['cpu_family']}, model {h['cpu_model']}), {h['cores']} cores, "
+            f"a {h['matmul_gflops_all_cores']:.0f} GFLOP/s float32 matmul")
+
+
+def seeds_table(runs):
+    """The headline runs at this code, each over its seeds: mean and range, each seed, seed 0's curve."""
+    L = ["| command | final test accuracy | seeds | seed 0, after each epoch (round) | training | clip |",
+         "|---|---|---|---|---|---|"]
+    for name, rs in runs.items():
+        curve = ", ".join(f"{h['test_acc']:.1f}" for h in rs[0]["history"])
+        contended = any(r["provenance"]["contended"] for r in rs)
+        L.append(f"| `{COMMANDS[name]}` | **{spread(rs)}** | "
+                 + ", ".join(f"{r['config']['seed']}: {r['final_test_acc']:.2f}%" for r in rs)
+                 + f" | {curve} | {minutes(sum(r['wall_time'] for r in rs) / len(rs))} a run"
+                 + (" (contended)" if contended else "") + f" | {rs[0]['config']['clip_norm']:g} |")
+    first = next(iter(runs.values()))[0]
+    commits = sorted({r["provenance"]["commit"][:10] for rs in runs.values() for r in rs})
+    L.append("")
+    L.append(f"Made by `python bench/reference.py` at commit {', '.join(commits)}, on {host_of(first)}; "
+             f"PyTorch {first['torch']}; data: {first['data']}. Each run had the machine to itself "
+             "(the command refuses to start beside other heavy processes), so its time is this host's.")
+    return "\n".join(L[:-1]) + "\n\n" + wrap(L[-1])
 
 
 def wrap(text, width=96):
@@ -302,6 +352,15 @@ def algorithm_name(c):
     if a == "fedlc":
         return f"FedLC (tau {c['lc_tau']:g}{momentum})"
     return {"fedavg": "FedAvg", "scaffold": "SCAFFOLD"}[a]
+
+
+def recipe(configs):
+    """One sentence on whether the runs of `configs` clipped the gradient's norm (--clip-norm)."""
+    clips = sorted({c.get("clip_norm", 0.0) for c in configs})  # a record made before the flag: no clip
+    if clips == [0.0]:
+        return ("Recipe: no gradient clipping, the scripts' recipe before `--clip-norm` (their default now "
+                "clips; `--clip-norm 0` computes what these runs did).")
+    return f"Recipe: `--clip-norm {' and '.join(f'{c:g}' for c in clips)}`."
 
 
 def minutes(seconds):
@@ -436,8 +495,10 @@ def readme_fragments(R):
     F["bench-bullets"] = "\n".join(bench_bullets(b))
 
     F["q7-table"] = "\n".join(q7_table(b["ar"]) + ["", q7_note(b)])
-    F["noniid"] = noniid_paragraph(iid, non)
+    F["noniid"] = noniid_paragraph(iid, non) + recipe_note(R["runs"].get("fed_avg_non-iid"),
+                                                            "[the reference runs](#the-reference-runs-at-this-code)")
     F["drift"] = drift_paragraph(R["fed"])
+    F["reference-runs"] = seeds_table(R["runs"]) if R["runs"] else "No run of `python bench/reference.py` yet."
     return {name: text if "\n" not in text and name.endswith("-wall") else wrap(text) for name, text in F.items()}
 
 
@@ -488,14 +549,11 @@ def bench_bullets(b):
     return out
 
 
-Q7_SIZES = (1 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
-
-
 def q7_table(ar):
     ns = sorted(ar)
     head = "| buffer | " + " | ".join(f"N={n}: mpi | ring | tree | copy | ring/mpi" for n in ns) + " |"
     L = [head, "|---|" + "---|" * 5 * len(ns)]
-    sizes = [nbytes for nbytes in Q7_SIZES if any(at_size(ar[n], nbytes) for n in ns)]
+    sizes = sorted({row["bytes"] for n in ns for row in ar[n]["rows"]})  # every size measured
     for i, nbytes in enumerate(sizes):
         cells = []
         for n in ns:
@@ -539,11 +597,25 @@ def noniid_paragraph(iid, non):
     shard = sum(non["client_sizes"]) // shards
     drop = non["final_test_acc"] < iid["final_test_acc"]
     return (f"With `--split-method non-iid` the training set is sorted by label and cut into {shards} shards "
-            f"of {shard:,}, two per client (McMahan et al., 2017): each client holds {classes_held(non)} "
+            f"of {shard:,}, two per client, after the pathological split of McMahan et al. (2017), whose 200 "
+            "shards of 300 held one class each, so that a client had at most 2. Here a shard spans classes, "
+            f"and each client holds {classes_held(non)} "
             "(`figures/data_distribution_non-iid.png`, against `figures/data_distribution_iid.png`). "
             f"Accuracy {'drops' if drop else 'goes'} from {pct(iid['final_test_acc'])} to "
             f"{pct(non['final_test_acc'])} with the same {plural(len(non['history']), 'round')}, and "
             f"{the_first_rounds_reach(non)} {first_rounds(non)} (iid: {first_rounds(iid)}).")
+
+
+def recipe_note(runs, where):
+    """Q5 at this code's recipe, beside the older record's numbers, citing `where`: sentences, or ''."""
+    if not runs:
+        return ""
+    return (f" Those are the numbers of the recipe before `--clip-norm`: that seed 0 fell to chance in rounds 3 "
+            f"to 6 (on another host of this kind it diverged to NaN in round 3), a training instability rather "
+            f"than the non-iid effect. At this code, which clips the gradient's norm at "
+            f"{runs[0]['config']['clip_norm']:g}, the same command reaches **{spread(runs)}**; seed 0's first "
+            "rounds reach " + ", ".join(f"{h['test_acc']:.1f}%" for h in runs[0]["history"][:3])
+            + f" ({where}).")
 
 
 def drift_paragraph(fed):
@@ -683,6 +755,8 @@ def notebook_fragments(R):
         f"label, is cut into {shards} shards of {sum(non['client_sizes']) // shards:,} images and each client "
         f"gets 2). {the_first_rounds_reach(non).capitalize()} {first_rounds(non)}, against {first_rounds(iid)} "
         "with iid clients.")
+    F["answer-q5"] += recipe_note(R["runs"].get("fed_avg_non-iid"),
+                                  "`results/reference/runs/`, made by `python bench/reference.py`")
     F["q5-local-steps"] = f"{max(non['local_steps']):,}"
     F["q6-local-steps"] = f"{max(iid['local_steps']):,}"
     F["answer-q7-measured"] = q7_measured(ar)
@@ -740,6 +814,10 @@ def generated(folder):
     import nbformat  # only here: rendering RESULTS.md (bench/run.py) needs no Jupyter
 
     R = records(folder)
+    smoke = smoke_test_records(folder)
+    if smoke:
+        raise SystemExit(f"error: {', '.join(smoke)} in {shown_path(folder)} are smoke-test (--tiny) records: "
+                         "the numbers of a few steps are no measurement. Rerun: python bench/reference.py")
     out = {}
     with open(README) as f:
         current = f.read()
@@ -762,6 +840,18 @@ def generated(folder):
     with open(RESULTS_MD) as f:
         out[RESULTS_MD] = (f.read(), render_results(os.path.join(folder, "bench"), os.path.dirname(RESULTS_MD)))
     return out
+
+
+def smoke_test_records(folder):
+    """The records under `folder` that a smoke test (--tiny) wrote, as paths relative to it."""
+    found = []
+    for d, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.endswith(".json"):
+                with open(os.path.join(d, name)) as f:
+                    if json.load(f).get("tiny"):
+                        found.append(os.path.relpath(os.path.join(d, name), folder))
+    return found
 
 
 def missing(fragments, found, where):

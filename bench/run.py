@@ -188,6 +188,9 @@ def main():
     args = parser.parse_args()
     if args.tiny and not args.out:
         parser.error("--tiny writes only into --out DIR; give one")
+    reference = os.path.join(ROOT, "results", "reference")
+    if args.tiny and os.path.commonpath([os.path.abspath(args.out), reference]) == reference:
+        parser.error("--tiny is a smoke test: its records never go into results/reference/; give another --out")
     md_path = os.path.join(os.path.abspath(args.out), "RESULTS.md") if args.out else RESULTS_MD
     raw = os.path.abspath(args.out or os.path.join(ROOT, "results", "reference", "bench"))
     if args.render_only:

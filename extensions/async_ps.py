@@ -218,6 +218,7 @@ def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, ar
         utils.set_lr(optimizer, lr / max(1, tau) if args.staleness_lr else lr)
         if args.dana:
             use_momentum_of(optimizer, in_job[group[0]], workers_in_job)
+        utils.clip_gradients_(optimizer, args.clip_norm)
         optimizer.step()
         utils.sync(flat_params.device)
         update_time += time.perf_counter() - t0

@@ -79,3 +79,22 @@ def test_records_are_small():
              for d, _, files in os.walk(RECORDS) for f in files}
     assert sizes and all(f.endswith(".json") for f in sizes), sorted(sizes)
     assert max(sizes.values()) < 64_000, max(sizes.items(), key=lambda kv: kv[1])
+
+
+def test_no_reference_record_is_a_smoke_test():
+    assert report.smoke_test_records(RECORDS) == [], "rerun them: python bench/reference.py"
+
+
+def test_the_report_refuses_smoke_test_records(tmp_path):
+    import shutil
+    shutil.copytree(RECORDS, tmp_path / "records")
+    run = tmp_path / "records" / "bench" / "run.json"
+    run.write_text(json.dumps(dict(json.loads(run.read_text()), tiny=True)))
+    with pytest.raises(SystemExit, match="smoke-test"):
+        report.generated(str(tmp_path / "records"))
+
+
+def test_a_smoke_test_cannot_write_into_the_reference():
+    from mpi import python
+    proc = python("bench/run.py", "--tiny", "--out", os.path.join(RECORDS, "bench"))
+    assert proc.returncode == 2 and "never go into results/reference" in proc.stderr, proc.stderr
