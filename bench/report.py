@@ -105,6 +105,20 @@ def size_name(nbytes):
     return f"{nbytes >> 20} MB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KB"
 
 
+def provenance_lines(p):
+    """RESULTS.md's lines on what bench/reference.py stamped on run.json: commit, host calibration, load."""
+    if not p:
+        return []
+    h = p["host"]
+    return [f"- Made by `python bench/reference.py` at commit {p['commit'][:10]}"
+            f"{' with uncommitted changes' if p['dirty'] else ''}; host: {h['cpu']} (family {h['cpu_family']}, "
+            f"model {h['cpu_model']}), calibrated before the run at {h['matmul_gflops_1_thread']:.0f} GFLOP/s on one "
+            f"thread and {h['matmul_gflops_all_cores']:.0f} on all cores (a 1024 x 1024 float32 matmul); load average "
+            f"{p['load_before'][0]:.2f} before, "
+            + ("and no other heavy process during it." if not p["contended"] else
+               f"**contended**: other heavy processes ran ({'; '.join(p['heavy_before'] + p['heavy_after'])}).")]
+
+
 def render_results(raw, md_dir):
     """The text of RESULTS.md, from the bench's records in raw, for a file in md_dir (for the plots' links)."""
     b = bench_records(raw)
@@ -121,6 +135,7 @@ def render_results(raw, md_dir):
           f"- Software: Python {run['python']}, torch {run['torch']}, mpi4py {run['mpi4py']}, "
           f"{ar[first]['mpi'].split(',')[0]}, mpirun `{run['mpirun']}`.",
           f"- Data: {run['dataset']}.",
+          *provenance_lines(run.get("provenance")),
           "- Every part ran alone, one after another, in this one run; times are wall clock, "
           "and a step or call counts at the pace of the slowest rank.",
           f"- Records: the JSON of every part and `run.json`, in `{shown_path(raw)}/`; "
@@ -284,13 +299,19 @@ def seed_runs(folder):
 def spread(runs):
     """'78.0% (77.5–78.4, 3 seeds)': the mean final accuracy and its range over the seeds."""
     accs = [r["final_test_acc"] for r in runs]
+    if len(accs) == 1:
+        return f"{accs[0]:.2f}% (1 seed)"
     return f"{sum(accs) / len(accs):.2f}% ({min(accs):.2f}–{max(accs):.2f}, {plural(len(accs), 'seed')})"
 
 
-def host_of(r):
-    h = r["provenance"]["host"]
-    return (f"{h['cpu']} (family {h['cpu_family']}, model {h['cpu_model']}), {h['cores']} cores, "
-            f"a {h['matmul_gflops_all_cores']:.0f} GFLOP/s float32 matmul")
+def host_of(records):
+    """The hosts of `records`, with the range of their calibrations (bench/reference.py's matmul)."""
+    hosts = sorted({(h["cpu"], h["cpu_family"], h["cpu_model"], h["cores"])
+                    for h in (r["provenance"]["host"] for r in records)})
+    gflops = [r["provenance"]["host"]["matmul_gflops_all_cores"] for r in records]
+    return (" and ".join(f"{cpu} (family {family}, model {model}), {cores} cores" for cpu, family, model, cores in hosts)
+            + f", whose float32 matmul ran at {min(gflops):.0f}–{max(gflops):.0f} GFLOP/s before the runs "
+            "(the host's calibration, taken before each)")
 
 
 def seeds_table(runs):
@@ -305,10 +326,15 @@ def seeds_table(runs):
                  + f" | {curve} | {minutes(sum(r['wall_time'] for r in rs) / len(rs))} a run"
                  + (" (contended)" if contended else "") + f" | {rs[0]['config']['clip_norm']:g} |")
     first = next(iter(runs.values()))[0]
-    commits = sorted({r["provenance"]["commit"][:10] for rs in runs.values() for r in rs})
-    L.append("")
-    L.append(f"Made by `python bench/reference.py` at commit {', '.join(commits)}, on {host_of(first)}; "
+    commits = sorted({r["provenance"]["commit"][:10] + (" with uncommitted changes" if r["provenance"]["dirty"] else "")
+                      for rs in runs.values() for r in rs})
+    L.append(f"Made by `python bench/reference.py` at commit {', '.join(commits)} (the fingerprints, which "
+             f"`tests/test_fingerprints.py` checks, tie them to this code), on "
+             f"{host_of([r for rs in runs.values() for r in rs])}; "
              f"PyTorch {first['torch']}; data: {first['data']}. Each run had the machine to itself "
+             "(the command refuses to start beside other heavy processes), so its time is this host's; the "
+             "4 or 5 ranks of the MPI runs time-share its 2 cores, so their times show this host, not how the "
+             "paradigms scale." if first["hardware"]["cores"] < 4 else
              "(the command refuses to start beside other heavy processes), so its time is this host's.")
     return "\n".join(L[:-1]) + "\n\n" + wrap(L[-1])
 
@@ -527,7 +553,9 @@ def bench_bullets(b):
         cores = b["run"]["machine"]["cores"]
         out.append(f"- **Where a serverless step goes**, N = {last}, one epoch: compute {e['compute_s']:.1f} s, "
                    f"the all-reduce {e['comm_s']:.2f} s, waiting for the last rank {e['wait_s']:.2f} s. "
-                   f"Uncoupling the ranks (skipping the all-reduce) shortens the step by {exposed:.1f}%"
+                   + (f"Uncoupling the ranks (skipping the all-reduce) shortens the step by {exposed:.1f}%"
+                      if exposed > 0 else f"Uncoupling the ranks (skipping the all-reduce) does not shorten "
+                      f"the step here (it was {-exposed:.1f}% longer)")
                    + (f": the wait is mostly the time-sharing of {cores} cores, which the ranks pay with or "
                       "without it." if cores < last and exposed < 100 * e["wait_s"] / e["epoch_s"] else "."))
     before, after = thread_step_ms(threads)
