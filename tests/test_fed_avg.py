@@ -146,7 +146,8 @@ def round_batches(shards, k, r, steps, batch_size, seed):
 def fedavg_reference(shards, clients_per_round, *, local_steps, batch_size=16, lr=0.05,
                      momentum=0.0, weight_decay=5e-4, weighted=True, seed=0):
     """McMahan et al.'s FedAvg: each round, every sampled client k starts from the global
-    weights w, takes `local_steps` SGD steps on its shard, and w = sum n_k w_k / sum n_k."""
+    weights w, takes `local_steps` SGD steps on its shard, and w = sum n_k w_k / sum n_k.
+    Each step clips its gradient's norm as the script's clients do (--clip-norm)."""
     x, y = synthetic_train()
     w = utils.parameters_vector(utils.make_model(torch.device("cpu"), seed))
     total_steps = len(clients_per_round) * local_steps
@@ -160,6 +161,7 @@ def fedavg_reference(shards, clients_per_round, *, local_steps, batch_size=16, l
                 optimizer.param_groups[0]["lr"] = utils.lr_at(r * local_steps + s, total_steps, lr, 0)
                 optimizer.zero_grad()
                 utils.train_step(model, x[idx], y[idx], flip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), utils.CLIP_NORM)
                 optimizer.step()
             n_k = len(shards[k]) if weighted else 1
             weighted_sum += n_k * utils.parameters_vector(model)
@@ -224,7 +226,8 @@ def test_server_weights_clients_by_sample_count(tmp_path):
 def test_fedsgd_equals_data_parallel_sgd(tmp_path):
     # 4 equal iid clients on 2 client ranks, all in every round, one local step each, no
     # momentum: averaging the one-step weights w - lr g_k averages the gradients, so k rounds
-    # are k SGD steps.
+    # are k SGD steps. (Each client clips its own gradient at --clip-norm; here none is that long,
+    # and the reference, which does not clip, shows it.)
     out, result, got = run_fed_avg(3, tmp_path, "--num-clients", 4, "--rounds", 3, "--max-steps", 1, "--momentum", 0)
     _, y = synthetic_train()
     shards = fed_avg.split_indices(y, 4, "iid", seed=0)

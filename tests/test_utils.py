@@ -270,7 +270,8 @@ def test_training_draws_nothing_from_the_global_rngs_so_checkpoints_need_not_sav
     RNGs in any state, an epoch computes the same bits. So no RNG state is checkpointed."""
     import cent_sgd
     (x, y), _ = utils.make_synthetic(seed=0, n_train=256, n_test=10)
-    args = argparse.Namespace(seed=0, batch_size=32, lr=0.05, warmup=0.2, momentum=0.9, weight_decay=5e-4)
+    args = argparse.Namespace(seed=0, batch_size=32, lr=0.05, warmup=0.2, momentum=0.9, weight_decay=5e-4,
+                              clip_norm=utils.CLIP_NORM)
     finals = []
     for global_seed in (1, 2):
         utils.seed_everything(global_seed)
