@@ -111,7 +111,8 @@ def heavy_processes(seconds=1.0):
 def commit():
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": dirty}
 
 
 # ----- the jobs -----
@@ -130,9 +131,9 @@ def jobs():
             out.append((f"{name} seed {seed}", name, path, cmd, {}))
     out.append(("bench", "bench", os.path.join(RECORDS, "bench", "run.json"),
                 [sys.executable, os.path.join("bench", "run.py")], {}))
-    out.append(("notebook", "notebook", os.path.join(RECORDS, "notebook", "notebook.json"),
-                ["jupyter", "execute", "HW5.ipynb", "--inplace"], {"HW5_RESULTS": os.path.join("results", "reference",
-                                                                                          "notebook")}))
+    notebook = os.path.join("results", "reference", "notebook")  # HW5_RESULTS: where its scripts write
+    out.append(("notebook", "notebook", os.path.join(ROOT, notebook, "notebook.json"),
+                [sys.executable, "-m", "jupyter", "execute", "HW5.ipynb", "--inplace"], {"HW5_RESULTS": notebook}))
     return out
 
 

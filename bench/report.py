@@ -309,7 +309,8 @@ def host_of(records):
     hosts = sorted({(h["cpu"], h["cpu_family"], h["cpu_model"], h["cores"])
                     for h in (r["provenance"]["host"] for r in records)})
     gflops = [r["provenance"]["host"]["matmul_gflops_all_cores"] for r in records]
-    return (" and ".join(f"{cpu} (family {family}, model {model}), {cores} cores" for cpu, family, model, cores in hosts)
+    return (" and ".join(f"{cpu} (family {family}, model {model}), {cores} cores" for cpu, family, model, cores
+                         in hosts)
             + f", whose float32 matmul ran at {min(gflops):.0f}–{max(gflops):.0f} GFLOP/s before the runs "
             "(the host's calibration, taken before each)")
 
