@@ -255,10 +255,13 @@ def summarize(record, out):
     return rows, same_time
 
 
-def run_configs(out):
-    """The configs of every run record under `out`."""
+def run_configs(out, skip=("longer",)):
+    """The configs of every run record under `out`, but those in its folders `skip` (--longer's
+    runs have a recipe of their own, which their table states)."""
     configs = []
     for path in sorted(glob.glob(os.path.join(out, "**", "*.json"), recursive=True)):
+        if os.path.relpath(path, out).split(os.sep)[0] in skip:
+            continue
         with open(path) as f:
             r = json.load(f)
         if "config" in r:
@@ -319,10 +322,11 @@ def render(record, out, md_path, fig_path):
                     by_mode.setdefault(mode, []).append(json.load(f)["history"])
         epochs_, others = len(by_mode[LONGER[0]][0]), [m for m in LONGER[1:] if m in by_mode]
         seeded = all(len(by_mode[m]) == len(SEEDS) + 1 for m in [LONGER[0], *others])
+        configs = [r["config"] for r in map(load, glob.glob(os.path.join(out, "longer", f"*_{epochs_}ep*.json")))]
         lines += ["", f"Longer runs (`--longer {epochs_}`), no straggler: test accuracy after each epoch of "
                   f"{epochs_}-epoch runs (the lr schedule spans the {epochs_} epochs); the gap is sync's lead"
-                  + (f". Seed 0, then the mean of seeds 0, {', '.join(map(str, SEEDS))} (`--seeds`)." if seeded
-                     else "."), "",
+                  + (f". Seed 0, then the mean of seeds 0, {', '.join(map(str, SEEDS))} (`--seeds`). " if seeded
+                     else ". ") + recipe(configs), "",
                   "| epoch | " + " | ".join([LONGER[0]] + [f"{m} | gap, points" for m in others]) + " |",
                   "|---|" + "---|---|" * len(others) + "---|"]
         # seed 0's runs; then, with every seed's, their mean
@@ -341,8 +345,9 @@ def render(record, out, md_path, fig_path):
                       f"seed-0 {mode} run again there, "
                       f"with the same command (record in `longer/rerun/`): "
                       + ", ".join(f"{h['test_acc']:.2f}%" for h in again["history"])
-                      + f" after each epoch, against the table's "
+                      + " after each epoch, against the table's "
                       + ", ".join(f"{h['test_acc']:.2f}%" for h in by_mode[mode][0]) + "."]
+    lines += unclipped_lines(out)
     by = {(row["mode"], row["straggler"]): row for row in rows}
     means = seed_means(out, by)
     if means:
@@ -385,6 +390,30 @@ def render(record, out, md_path, fig_path):
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, fig_path)
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def unclipped_lines(out):
+    """The --longer runs of the recipe before --clip-norm (longer/unclipped/), which the clip replaced:
+    what each seed's first epoch and last reached."""
+    paths = sorted(glob.glob(os.path.join(out, "longer", "unclipped", "*.json")))
+    if not paths:
+        return []
+    runs = {}  # mode: {seed: history}
+    for path in paths:
+        name = os.path.basename(path)[:-len(".json")]
+        mode, _, seed = re.fullmatch(r"(.+)_\d+ep(_seed(\d+))?", name).groups()
+        runs.setdefault(mode, {})[int(seed or 0)] = load(path)["history"]
+    cells = {mode: ", ".join(f"seed {s}: {h[0]['test_acc']:.2f}% after epoch 1, {h[-1]['test_acc']:.2f}% at the end"
+                             for s, h in sorted(by_seed.items())) for mode, by_seed in runs.items()}
+    return ["", "The same longer runs before `--clip-norm`, the recipe of the straggler table's runs (records in "
+            "`longer/unclipped/`). Synchronous SGD then lost its first epoch on some seeds, a training "
+            "instability rather than an effect of synchrony, so those runs are no baseline for async: "
+            + "; ".join(f"{mode}: {text}" for mode, text in cells.items()) + "."]
 
 
 def lost_table(out):

@@ -19,6 +19,10 @@
 4. Every split: FedAvg at SCAFFOLD's byte budget. SCAFFOLD moves twice FedAvg's bytes per
    round, so this baseline runs twice the rounds with half the local steps (--max-steps: half
    the largest client's epoch; smaller Dirichlet clients keep their whole epoch).
+5. The spread: FedAvg and the best variant of each split (the highest final accuracy after as
+   many rounds as FedAvg) again on each of --seeds, each with its seed-0 record's flags, into
+   <out>/seeds/<split>_<label>_seed<k>.json. A run that diverges is recorded as such. The
+   table then says which differences exceed the seeds' spread.
 Each run writes its record to <out>/<split>_<label>.json and is skipped when that record
 exists (delete it to rerun). Then bench/FED.md gets the table (final and best accuracy,
 MB per client rank, training time) and figures/fed_sweep_<split>.png the accuracy per round
@@ -40,6 +44,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.report import algorithm_name, recipe  # noqa: E402  (the README names them alike)
+
+SEEDS = (1, 2)  # the spread's other seeds: seed 0 is the sweep's own record
 
 MPIRUN = shutil.which("mpirun", path=sysconfig.get_path("scripts")) or shutil.which("mpirun") or "mpirun"
 SPLITS = {"iid": [], "non-iid": ["--split-method", "non-iid"],
@@ -108,6 +114,122 @@ def sweep(out, args):
     return runs
 
 
+def compared(runs):
+    """The labels whose spread over seeds is measured: FedAvg, and the best variant after as many rounds."""
+    if "fedavg" not in runs:
+        return []
+    rounds = len(runs["fedavg"]["history"])
+    rivals = [(r["final_test_acc"], label) for label, r in runs.items()
+              if label != "fedavg" and len(r["history"]) == rounds]
+    return ["fedavg"] + ([max(rivals)[1]] if rivals else [])
+
+
+def seed_runs(out, args):
+    """FedAvg and the best variant of each split on each of args.seeds, with the seed-0 record's flags."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from fingerprint import config_flags  # a record's config as flags; imports torch, so only here
+
+    records = load_records(out)
+    splits = sorted(args.splits, key=lambda s: s != TUNE_SPLIT)  # the shards first: the question's split
+    todo = [(split, label, seed) for split in splits for label in compared(records.get(split, {}))
+            for seed in args.seeds]
+    os.makedirs(os.path.join(out, "seeds"), exist_ok=True)
+    done, t0 = 0, time.perf_counter()
+    for k, (split, label, seed) in enumerate(todo, 1):
+        path = os.path.join(out, "seeds", f"{split}_{label}_seed{seed}.json")
+        if os.path.exists(path):
+            continue
+        left = (time.perf_counter() - t0) / done * (len(todo) - k + 1) / 60 if done else None
+        print(f"[{k}/{len(todo)}] {split} {label} seed {seed}"
+              + (f" | about {left:.0f} min left" if left is not None else ""), flush=True)
+        config = dict(records[split][label]["config"], seed=seed, measure_drift=False)
+        cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-n", str(args.ranks), sys.executable,
+               "fed_avg.py", *config_flags(config), "--results", path,
+               "--figures-dir", os.path.join(tempfile.gettempdir(), "fed_sweep_figures") + os.sep]
+        proc = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        if proc.returncode and errors and "diverged" in errors[0]:  # an outcome of the recipe: recorded
+            with open(path, "w") as f:
+                json.dump({"script": "fed_avg", "config": config, "diverged": errors[0],
+                           "final_test_acc": None}, f, indent=1)
+        elif proc.returncode:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"error: {split} {label} seed {seed} failed (exit {proc.returncode})")
+        done += 1
+
+
+def load_records(out):
+    """{split: {label: record}} of the records in `out` (seed 0, the sweep's own)."""
+    records = {}
+    for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+        name = os.path.basename(path)[:-len(".json")]
+        split = split_of(name)
+        if split is not None:
+            with open(path) as f:
+                records.setdefault(split, {})[name[len(split) + 1:]] = json.load(f)
+    return records
+
+
+def load_seeds(out):
+    """{(split, label): {seed: record}}: the seed-0 record and those of the other seeds in <out>/seeds/."""
+    records = load_records(out)
+    seeds = {}
+    for path in sorted(glob.glob(os.path.join(out, "seeds", "*.json"))):
+        name, seed = os.path.basename(path)[:-len(".json")].rsplit("_seed", 1)
+        split = split_of(name)
+        with open(path) as f:
+            seeds.setdefault((split, name[len(split) + 1:]), {})[int(seed)] = json.load(f)
+    for split, label in seeds:
+        seeds[split, label][0] = records[split][label]
+    return {key: dict(sorted(by_seed.items())) for key, by_seed in seeds.items()}
+
+
+def spread_lines(out):
+    """The table of FedAvg and each split's best variant over the seeds, and which differences exceed
+    the spread: the two ranges do not overlap."""
+    seeds = load_seeds(out)
+    if not seeds:
+        return []
+    every = sorted({s for by_seed in seeds.values() for s in by_seed})
+    lines = ["", f"Over seeds {', '.join(map(str, every))}: FedAvg and the best variant of each split above, "
+             "each rerun with its seed-0 flags on the other seeds (`python bench/fed_sweep.py --seeds "
+             f"{' '.join(map(str, every[1:]))}`, records in `seeds/`). "
+             + recipe([r["config"] for by_seed in seeds.values() for r in by_seed.values()]), "",
+             f"| split | algorithm | {' | '.join(f'seed {s}' for s in every)} | mean (range) |",
+             "|---|---|" + "---|" * len(every) + "---|"]
+    stats = {}
+    for (split, label), by_seed in seeds.items():
+        accs = [r["final_test_acc"] for r in by_seed.values() if r.get("final_test_acc") is not None]
+        stats[split, label] = (sum(accs) / len(accs), min(accs), max(accs), len(accs) < len(by_seed))
+        cells = [("diverged" if by_seed[s].get("diverged") else f"{by_seed[s]['final_test_acc']:.2f}")
+                 if s in by_seed else "" for s in every]
+        mean, lo, hi, lost = stats[split, label]
+        lines.append(f"| {split} | {describe(label, by_seed[0])} | {' | '.join(cells)} | {mean:.2f} "
+                     f"({lo:.2f}–{hi:.2f}){' of the seeds that trained' if lost else ''} |")
+    lines.append("")
+    for split in dict.fromkeys(split for split, _ in seeds):
+        labels = [label for s, label in seeds if s == split]
+        if "fedavg" not in labels or len(labels) < 2:
+            continue
+        best = next(label for label in labels if label != "fedavg")
+        (m0, lo0, hi0, _), (m1, lo1, hi1, _) = stats[split, "fedavg"], stats[split, best]
+        apart = lo1 > hi0 or hi1 < lo0
+        lines.append(f"- {split}: {describe(best, seeds[split, best][0])} against FedAvg, "
+                     f"{m1 - m0:+.2f} points on the means; "
+                     + ("the ranges do not overlap, so the difference exceeds the seeds' spread."
+                        if apart else "the ranges overlap, so the difference is within the seeds' spread."))
+    iid, non = stats.get(("iid", "fedavg")), stats.get((TUNE_SPLIT, "fedavg"))
+    best = [label for s, label in seeds if s == TUNE_SPLIT and label != "fedavg"]
+    if iid and non and best:
+        target, reached = non[0] + (iid[0] - non[0]) / 2, stats[TUNE_SPLIT, best[0]][0]
+        lines.append(f"- The goal on the means: half of FedAvg's iid-to-{TUNE_SPLIT} gap ({iid[0]:.2f}% to "
+                     f"{non[0]:.2f}%) closed is {target:.2f}%; "
+                     f"{describe(best[0], seeds[TUNE_SPLIT, best[0]][0])} reaches {reached:.2f}%: "
+                     + ("met." if reached >= target else "not met."))
+    return lines
+
+
 def best_label(runs, prefix):
     """The label starting with `prefix` whose run reached the highest final test accuracy."""
     return max((r["final_test_acc"], label) for label, r in runs.items() if label.startswith(prefix))[1]
@@ -123,15 +245,7 @@ def render(out, tiny, md_path, fig_dir):
     """The table (md_path) and the plots (in fig_dir), from the records in `out` alone."""
     from matplotlib.figure import Figure
 
-    records = {}
-    for path in sorted(glob.glob(os.path.join(out, "*.json"))):
-        name = os.path.basename(path)[:-len(".json")]
-        split = split_of(name)
-        if split is None:
-            continue
-        label = name[len(split) + 1:]
-        with open(path) as f:
-            records.setdefault(split, {})[label] = json.load(f)
+    records = load_records(out)
     lines = ["# FedAvg variants (issue 16)", "",
              f"{'Smoke test (--tiny): synthetic data, numbers mean nothing. ' if tiny else ''}"
              "One row per record of `python bench/fed_sweep.py`. MB: bytes sent + received per client rank, "
@@ -188,7 +302,7 @@ def render(out, tiny, md_path, fig_dir):
     lines += host_check(out, records) if names & FASTER_HOST and not tiny else []
     mean = lambda xs: sum(x for x in xs if x is not None) / max(1, sum(x is not None for x in xs))
     if iid and non and all("drift" in h for h in iid["history"] + non["history"]):
-        lines += ["", f"Client drift, FedAvg (`--measure-drift`, extensions/drift.py): per round, the client models' "
+        lines += ["", "Client drift, FedAvg (`--measure-drift`, extensions/drift.py): per round, the client models' "
                   "mean distance from the new global model (||w_k - w|| / ||w||), their mean test accuracy on their "
                   "own classes and on the others, and the new global model's weakest class.", "",
                   f"| round | distance, iid | distance, {TUNE_SPLIT} | own classes, iid | own classes, {TUNE_SPLIT} | "
@@ -237,6 +351,7 @@ def render(out, tiny, md_path, fig_dir):
                          f"{len(fedavg['history'])} rounds, against FedAvg "
                          f"({fedavg['final_test_acc']:.2f}%) | measured | {best[0]:.2f}% by {best[1]}, "
                          f"{best[0] - fedavg['final_test_acc']:+.2f} points | - |")
+    lines += spread_lines(out)
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return md_path
@@ -277,6 +392,8 @@ def main():
     parser.add_argument("--out", default=None, help="records folder; default results/reference/fed (--tiny: required)")
     parser.add_argument("--mus", type=float, nargs="+", default=[0.001, 0.01, 0.1], help="FedProx mu to try")
     parser.add_argument("--momenta", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="FedAvgM momentum to try")
+    parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS),
+                        help="the other seeds of FedAvg and each split's best variant, for the spread")
     parser.add_argument("--render-only", action="store_true", help="only rebuild the table and the plots")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                         help="the splits to compare every algorithm on (tuning is on the non-iid shards regardless)")
@@ -288,7 +405,7 @@ def main():
     if args.tiny:  # synthetic, tiny shards, and one value of each knob
         args.ranks, args.splits = 3, [TUNE_SPLIT]
         args.common = ["--dataset", "synthetic", "--rounds", "2", "--max-steps", "2", "--batch-size", "16"]
-        args.mus, args.momenta = args.mus[:1], args.momenta[:1]
+        args.mus, args.momenta, args.seeds = args.mus[:1], args.momenta[:1], args.seeds[:1]
     else:
         args.ranks, args.common = 5, []
     md, fig_dir = ((os.path.join(out, "FED.md"), out) if args.out
@@ -296,6 +413,7 @@ def main():
     if not args.render_only:
         t0 = time.perf_counter()
         sweep(out, args)
+        seed_runs(out, args)
         print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
         drift = [os.path.join(out, f"{s}_fedavg.json") for s in ("iid", TUNE_SPLIT)]
         subprocess.run([sys.executable, "-m", "extensions.drift", *drift, "--out",

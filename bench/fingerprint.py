@@ -41,7 +41,13 @@ NOT_FLAGS = set(utils.NOT_CONFIG) | {"split"}  # file names and derived values, 
 
 def replay_flags(record):
     """The command-line flags that replay `record`'s configuration, as a list of strings."""
-    config = {**BEFORE, **record["config"], **(REPLAY_FED if record["script"] == "fed_avg" else REPLAY)}
+    return config_flags({**record["config"], **(REPLAY_FED if record["script"] == "fed_avg" else REPLAY)})
+
+
+def config_flags(config):
+    """The command-line flags that give a script the configuration `config` (a record's), as strings;
+    a flag added after the record was made takes the value that computes what the code did before it."""
+    config = {**BEFORE, **config}
     flags = []
     for key, value in sorted(config.items()):
         if key in NOT_FLAGS or value is None or value is False:

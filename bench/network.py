@@ -356,11 +356,26 @@ def size_text(b):
 
 
 def render(record, out, md_path, fig_path):
+    """NETWORK.md (md_path) and its figure (fig_path), from the records in `out` alone; returns the analysis."""
+    v = view(record, out)
+    L = header_lines(v) + targets_lines(v) + model_lines(v) + step_time_lines(v) + sweep_lines(v)
+    L += fedavg_lines(v) + extrapolation_lines(v)
+    L += answer_section(v["a"], v["by"], v["big_n"], v["slow"], v["ratio"], v["fed"], v["psb"])
+    L += ["## Commands", "", "```"]
+    L += [run["command"] for run in record["runs"] + record["sweep"] + record["fedavg_vs_ps"]] + ["```", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
+    with open(md_path, "w") as f:
+        f.write("\n".join(L))
+    plot(v["a"], v["sweep"], fig_path)
+    return v["a"]
+
+
+def view(record, out):
+    """What the sections of NETWORK.md share: the analysis, and the runs and ratios they cite."""
     a = analyse(record, out)
-    meta, alpha, beta = record["meta"], a["alpha"], a["beta"]
-    sweep, cmp = meta["sweep"], meta["fedavg_vs_ps"]
+    meta = record["meta"]
+    sweep = meta["sweep"]
     ideal_beta = 8 / rate_bits(sweep["rate"])
-    efficiency = ideal_beta / beta
     by = {(r["kind"], r["rate"], r["hosts"]): r for r in a["runs"]}
     big_n = max(r["hosts"] for r in a["runs"])
     slow = RATES[-1] if (("ring", RATES[-1], big_n) in by) else a["runs"][-1]["rate"]
@@ -370,11 +385,17 @@ def render(record, out, md_path, fig_path):
         ratio, ratio_model = ps["measured"] / ring["measured"], ps["predicted"] / ring["predicted"]
         ratio_refined = pipelined_ps(ps, a, slow) / (ring["predicted"] + ring["waiting"])
     fed, psb = ({r["kind"]: r for r in a["budget"]}.get(k) for k in ("fedavg", "ps"))
-    rel = os.path.relpath
-    md_dir = os.path.dirname(os.path.abspath(md_path))
+    return dict(a=a, meta=meta, sweep=sweep, cmp=meta["fedavg_vs_ps"], out=out, ideal_beta=ideal_beta,
+                efficiency=ideal_beta / a["beta"], by=by, big_n=big_n, slow=slow, ratio=ratio,
+                ratio_model=ratio_model, ratio_refined=ratio_refined, fed=fed, psb=psb)
 
+
+def header_lines(v):
+    """The title, what made the records, and the cluster."""
+    a, meta = v["a"], v["meta"]
+    rel = os.path.relpath
     L = ["# The paradigms on an emulated cluster: where bandwidth is scarce", "",
-         f"Written by `python bench/network.py` from the records in `{rel(out, ROOT)}/` "
+         f"Written by `python bench/network.py` from the records in `{rel(v['out'], ROOT)}/` "
          f"(`--render-only` rewrites this file and the figure from them alone).", "",
          f"- Date: {meta['date']}; the measurements took {meta['wall_s'] / 60:.1f} min" + (
              f"; the machine's 15-minute load average at the end was {meta['load_avg']:.1f} on {cores(meta)} cores "
@@ -391,8 +412,15 @@ def render(record, out, md_path, fig_path):
          f"- Data: synthetic (CIFAR-shaped), model of {a['runs'][0]['nbytes'] // 4:,} parameters: "
          f"n = {a['runs'][0]['nbytes']:,} bytes of float32 per exchange.", ""]
 
-    # targets
-    L += ["## Targets", "", "| measure | measured | predicted by the model | goal | result |", "|---|---|---|---|---|"]
+    return L
+
+
+def targets_lines(v):
+    """The targets' table, the model's misses, and a note on the crossover."""
+    a, big_n, slow, ratio, ratio_model, ratio_refined = (v[k] for k in ("a", "big_n", "slow", "ratio", "ratio_model",
+                                                                      "ratio_refined"))
+    meta, fed, psb, cmp = v["meta"], v["fed"], v["psb"], v["cmp"]
+    L = ["## Targets", "", "| measure | measured | predicted by the model | goal | result |", "|---|---|---|---|---|"]
     if ratio:
         for what, predicted in (("the plain model", ratio_model),
                                 ("with the server's pipeline and the ring's wait (below)", ratio_refined)):
@@ -400,17 +428,7 @@ def render(record, out, md_path, fig_path):
             L.append(f"| parameter server / ring step time, {big_n} hosts, {slow}: {what} | {ratio:.2f} | "
                      f"{predicted:.2f} ({100 * err:.0f}% off) | model within {100 * TARGETS['ratio']:.0f}% | "
                      f"{'**met**' if err <= TARGETS['ratio'] else '**missed**'} |")
-    if a["cross"] and a["cross_model"]:
-        f = max(a["cross"], a["cross_model"]) / min(a["cross"], a["cross_model"])
-        verdict = "**met**" if f <= TARGETS["crossover"] else "**missed**"
-        if a["cross_model"] < a["burst"]:
-            verdict += " (not a test of the model here: see below)"
-        L.append(f"| ring-vs-tree crossover buffer, {sweep['rate']}, N = {sweep['hosts']} | {size_text(a['cross'])} "
-                 f"| {size_text(a['cross_model'])} ({f:.1f}x off) | within {TARGETS['crossover']:.0f}x | {verdict} |")
-    else:
-        L.append(f"| ring-vs-tree crossover buffer, {sweep['rate']}, N = {sweep['hosts']} | "
-                 f"{size_text(a['cross']) if a['cross'] else 'no crossover in the sweep'} | "
-                 f"{size_text(a['cross_model'])} | within {TARGETS['crossover']:.0f}x | **not measured** |")
+    L.append(crossover_target(a, v["sweep"]))
     if fed and psb:
         fewer = (psb["tc_bytes"] / psb["acc"]) / (fed["tc_bytes"] / fed["acc"])
         L.append(f"| FedAvg against parameter server, {cmp['rate']}, {cmp['hosts']} hosts, same samples: server-link "
@@ -422,7 +440,28 @@ def render(record, out, md_path, fig_path):
     L.append(f"| `bench/network.py` wall time | {meta['wall_s'] / 60:.1f} min | – | <= {TARGETS['minutes']} min | "
              f"{'**met**' if meta['wall_s'] <= 60 * TARGETS['minutes'] else '**missed**'} |")
     L.append("")
-    L += model_misses(a, by, big_n, slow, ratio, ratio_refined)
+    L += model_misses(a, v["by"], big_n, slow, ratio, ratio_refined)
+    return L + crossover_note(v)
+
+
+def crossover_target(a, sweep):
+    """The targets' row of the ring-against-tree crossover, measured and modelled."""
+    if a["cross"] and a["cross_model"]:
+        f = max(a["cross"], a["cross_model"]) / min(a["cross"], a["cross_model"])
+        verdict = "**met**" if f <= TARGETS["crossover"] else "**missed**"
+        if a["cross_model"] < a["burst"]:
+            verdict += " (not a test of the model here: see below)"
+        return (f"| ring-vs-tree crossover buffer, {sweep['rate']}, N = {sweep['hosts']} | {size_text(a['cross'])} "
+                f"| {size_text(a['cross_model'])} ({f:.1f}x off) | within {TARGETS['crossover']:.0f}x | {verdict} |")
+    return (f"| ring-vs-tree crossover buffer, {sweep['rate']}, N = {sweep['hosts']} | "
+            f"{size_text(a['cross']) if a['cross'] else 'no crossover in the sweep'} | "
+            f"{size_text(a['cross_model'])} | within {TARGETS['crossover']:.0f}x | **not measured** |")
+
+
+def crossover_note(v):
+    """Why the measured crossover is the token bucket's, when the model puts it inside the burst."""
+    a, sweep, efficiency = v["a"], v["sweep"], v["efficiency"]
+    L = []
     if a["cross_model"] and a["cross_model"] < a["burst"]:
         L += [f"**The crossover.** The model puts it at 0.8 alpha / beta = {size_text(a['cross_model'])} for N = "
               f"{sweep['hosts']}: with no wire delay, alpha is only the software's cost of a message. That is inside "
@@ -437,8 +476,14 @@ def render(record, out, md_path, fig_path):
               f"N = {sweep['hosts']} is "
               f"{size_text(predicted_crossover(sweep['hosts'], ALPHA_REAL, 8 / (GBE['10 GbE'] * efficiency)))}.", ""]
 
-    # the model
-    L += ["## The alpha-beta model", "",
+    return L
+
+
+def model_lines(v):
+    """The alpha-beta model, as fitted."""
+    a, sweep, ideal_beta, efficiency = v["a"], v["sweep"], v["ideal_beta"], v["efficiency"]
+    alpha, beta = v["a"]["alpha"], v["a"]["beta"]
+    L = ["## The alpha-beta model", "",
           f"Fitted to the ring and tree times of part 2 ({sweep['rate']}, N = {sweep['hosts']}) at the two ends of "
           f"the sweep, each by least squares in relative error: alpha from the buffers of at most burst/4 "
           f"({sum(1 for b, _ in a['rows'] if b <= a['burst'] / 4)} sizes), beta from those of at least 8 bursts "
@@ -465,8 +510,13 @@ def render(record, out, md_path, fig_path):
           "error so contains everything not in it: waiting for the slowest rank, the two-way traffic above, "
           "the server's update, the first step's connection set-up.", ""]
 
-    # part 1
-    L += ["## 1. Step time against link rate and hosts", "",
+    return L
+
+
+def step_time_lines(v):
+    """Part 1: step time and bytes against link rate and hosts."""
+    a, meta = v["a"], v["meta"]
+    L = ["## 1. Step time against link rate and hosts", "",
           f"Serverless and the parameter server: mean over {', '.join(f'{v} steps at {k}' for k, v in meta['steps'].items())}, "
           f"from `step_time` in each JSON (the first step's set-up included). FedAvg: mean round time of rounds 2 "
           f"to {meta['rounds']}, each of {meta['local_steps']} local steps per client (the first round is warm-up: "
@@ -493,8 +543,14 @@ def render(record, out, md_path, fig_path):
                  f"{'–' if r['dropped'] is None else r['dropped']} |")
     L.append("")
 
-    # part 2
-    L += [f"## 2. All-reduce time against buffer size, {sweep['rate']}, N = {sweep['hosts']}", "",
+    return L
+
+
+def sweep_lines(v):
+    """Part 2: the all-reduces against buffer size, and the crossover."""
+    a, sweep = v["a"], v["sweep"]
+    alpha, beta = v["a"]["alpha"], v["a"]["beta"]
+    L = [f"## 2. All-reduce time against buffer size, {sweep['rate']}, N = {sweep['hosts']}", "",
           f"`bench/allreduce.py` on the cluster, twice (from 64 B and from 128 B, each stepping by 4x): median "
           f"of {sweep['repeats']} calls, the slowest rank's time, in ms. Model: the fitted alpha and beta.", "",
           "| size | mpi | ring | tree | ring model | tree model | faster |", "|---|---|---|---|---|---|---|"]
@@ -505,7 +561,13 @@ def render(record, out, md_path, fig_path):
     L += ["", f"Crossover (ring faster above it): measured {size_text(a['cross']) if a['cross'] else 'none'}, "
           f"model {size_text(a['cross_model'])} = 2(N-1) - 2 log2 N over 2 log2 N - 2(N-1)/N, times alpha / beta.", ""]
 
-    # part 3
+    return L
+
+
+def fedavg_lines(v):
+    """Part 3: FedAvg against the parameter server, on the same samples."""
+    cmp, fed, psb = v["cmp"], v["fed"], v["psb"]
+    L = []
     if fed and psb:
         L += [f"## 3. FedAvg against the parameter server, {cmp['rate']}, {cmp['hosts']} hosts", "",
               f"The same samples: {cmp['train_size']} synthetic training samples, {cmp['passes']} passes. The parameter "
@@ -525,8 +587,14 @@ def render(record, out, md_path, fig_path):
               "default runs, README, make 8 epochs of steps against 10 rounds). All passes include the first, "
               "whose warm-up (FedAvg's clients start slowly) the last pass leaves out.", ""]
 
-    # extrapolation
-    L += ["## Extrapolation to N = 1024", "",
+    return L
+
+
+def extrapolation_lines(v):
+    """The model at N = 1024 on fast links."""
+    a, efficiency = v["a"], v["efficiency"]
+    alpha = v["a"]["alpha"]
+    L = ["## Extrapolation to N = 1024", "",
           f"The model at N = 1024 on 10 and 100 Gbit/s links, with beta from the payload share of the rate measured "
           f"here ({100 * efficiency:.0f}%), and two per-message costs: the fitted alpha ({1e6 * alpha:.0f} us, this "
           f"emulation's: Python, MPI and TCP over veth on 2 shared cores) and an assumed {1e6 * ALPHA_REAL:.0f} us, "
@@ -544,14 +612,7 @@ def render(record, out, md_path, fig_path):
                          f"{LABEL[min(t, key=t.get)].replace('serverless, ', '')} | "
                          f"{size_text(predicted_crossover(1024, alpha_, b))} |")
     L.append("")
-    L += answer_section(a, by, big_n, slow, ratio, fed, psb)
-    L += ["## Commands", "", "```"] + [run["command"] for run in record["runs"] + record["sweep"] + record["fedavg_vs_ps"]] + ["```", ""]
-
-    os.makedirs(md_dir, exist_ok=True)
-    with open(md_path, "w") as f:
-        f.write("\n".join(L))
-    plot(a, sweep, fig_path)
-    return a
+    return L
 
 
 def pipelined_ps(ps, a, rate):
@@ -592,7 +653,7 @@ def model_misses(a, by, big_n, slow, ratio, ratio_refined):
 
 def answer_section(a, by, big_n, slow, ratio, fed, psb):
     """Q6/Q7 at cluster scale, with the numbers of this run."""
-    alpha, beta = a["alpha"], a["beta"]
+    alpha = a["alpha"]
     fast = RATES[0]
     lines = ["## Q6 and Q7 at cluster scale", ""]
     ring_fast, ps_fast = by.get(("ring", fast, big_n)), by.get(("ps", fast, big_n))

@@ -12,8 +12,9 @@ The jobs, in this order:
     of Q7 at N = 2 and 4, from 1 KB to 16 MB, too);
   - the notebook, top to bottom, its scripts' records into results/reference/notebook/.
 A job whose record exists is skipped when that record is still valid: for a script run, when its
-stored fingerprint (bench/fingerprint.py) equals the one computed at this code; for the bench and the
-notebook, when this command made it. So the run can span sittings: stop it, run the same line later.
+stored fingerprint (bench/fingerprint.py) equals the one computed at this code; for the bench, when
+this command made it; for the notebook, when this command made it and the script records it wrote
+pass the same check as a script run's. So the run can span sittings: stop it, run the same line later.
 
 Every record it makes gets a `provenance` entry: the commit, the host (CPU model and family, cores,
 and a calibration: a fixed matmul's GFLOP/s), the load average before and after, and the other
@@ -34,6 +35,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import fingerprint  # noqa: E402  (bench/ is on sys.path)
+import utils  # noqa: E402
 from run import MPIRUN  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "results", "reference")
@@ -54,14 +56,14 @@ HEAVY = 0.25  # share of one core over a second that makes another process "heav
 # ----- the host: what it is, how fast, and who else is on it -----
 
 def host():
-    """CPU model and family, cores, and a calibration: GFLOP/s of a fixed float32 matmul, on one
-    thread and on all cores, best of a few seconds each. Hosts of the same CPU name differ."""
-    info = {"cpu": None, "cpu_family": None, "cpu_model": None, "cores": os.cpu_count()}
+    """utils.hardware() (CPU model, cores), the CPU's family and model numbers, and a calibration:
+    GFLOP/s of a fixed float32 matmul, on one thread and on all cores, best of a few seconds each.
+    Hosts of the same CPU name differ."""
+    info = {**utils.hardware(), "cpu_family": None, "cpu_model": None}
     try:
         with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info.update(cpu=fields.get("model name"), cpu_family=fields.get("cpu family"), cpu_model=fields.get("model"))
+            fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        info.update(cpu_family=fields.get("cpu family"), cpu_model=fields.get("model"))
     except OSError:
         pass
     saved = torch.get_num_threads()
@@ -137,6 +139,17 @@ def jobs():
     return out
 
 
+def script_records(kind, path):
+    """The script records that the job's record at `path` stands for, each with a fingerprint: the
+    run's own, or for the notebook those its scripts wrote beside notebook.json."""
+    if kind in HEADLINE:
+        return [path]
+    if kind == "notebook":
+        folder = os.path.dirname(path)
+        return [p for p in (os.path.join(folder, f"{name}.json") for name in HEADLINE) if os.path.exists(p)]
+    return []
+
+
 def done(kind, path):
     """Whether the record at `path` is still valid for this code (see the docstring)."""
     if not os.path.exists(path):
@@ -145,18 +158,20 @@ def done(kind, path):
         record = json.load(f)
     if record.get("tiny") or "provenance" not in record:
         return False
-    if kind in HEADLINE:
-        return fingerprint.agree(record.get("fingerprint"), fingerprint.replay(record))
-    return True
+    return all(fingerprint.check(p)[0] for p in script_records(kind, path))
 
 
 def stamp(path, provenance, kind):
-    """Add the provenance (and, for a script run, the fingerprint) to the record at `path`."""
+    """Add the provenance to the record at `path`, and a fingerprint to each script record it stands for."""
+    for p in script_records(kind, path):
+        with open(p) as f:
+            record = json.load(f)
+        record["fingerprint"] = fingerprint.replay(record)
+        with open(p, "w") as f:
+            json.dump(record, f, indent=1)
     with open(path) as f:
         record = json.load(f)
     record["provenance"] = provenance
-    if kind in HEADLINE:
-        record["fingerprint"] = fingerprint.replay(record)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
 

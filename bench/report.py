@@ -1,14 +1,15 @@
-"""Every measured number in README.md, HW5.ipynb and bench/RESULTS.md, from the committed records.
+"""Every measured number in README.md, docs/, HW5.ipynb and bench/RESULTS.md, from the committed records.
 
     python bench/report.py           # rewrite them from results/reference/
     python bench/report.py --check   # exit 1 with a diff when any of them differs from the records
 
-The records are the JSON of one reference run, committed in results/reference/: a full run of
-HW5.ipynb writes the scripts' records there (cent_sgd.json, ..., allreduce_n4.json, notebook.json),
-and `python bench/run.py` writes the benchmark's to results/reference/bench/ (run.json holds what
-its parts' JSON does not: date, machine, versions, commands). bench/RESULTS.md is generated whole,
-by render_results, which bench/run.py also calls. In README.md and in the notebook's markdown cells
-each generated fragment sits between two invisible markers,
+The records are the JSON of the reference run (`python bench/reference.py`), committed in
+results/reference/: the seed runs of the headline commands in runs/; a full run of HW5.ipynb, whose
+scripts' records (cent_sgd.json, ..., allreduce_n4.json) and notebook.json are in notebook/; and
+`python bench/run.py`'s in bench/ (run.json holds what its parts' JSON does not: date, machine,
+versions, commands). bench/RESULTS.md is generated whole, by render_results, which bench/run.py
+also calls. In README.md, docs/*.md and the notebook's markdown cells each generated fragment sits
+between two invisible markers,
 
     <!-- begin: NAME --> ... <!-- end: NAME -->
 
@@ -25,6 +26,7 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDS = os.path.join(ROOT, "results", "reference")
 README = os.path.join(ROOT, "README.md")
+DOCS = os.path.join(ROOT, "docs")  # the topic pages: a README fragment may sit in any of them
 NOTEBOOK = os.path.join(ROOT, "HW5.ipynb")
 RESULTS_MD = os.path.join(ROOT, "bench", "RESULTS.md")
 OVERLAP_WINS = 1.03  # a gain below this is within the run-to-run noise of the bench machine
@@ -122,9 +124,22 @@ def provenance_lines(p):
 def render_results(raw, md_dir):
     """The text of RESULTS.md, from the bench's records in raw, for a file in md_dir (for the plots' links)."""
     b = bench_records(raw)
-    run, ddp, ar, epochs, threads, pickled = (b[k] for k in ("run", "ddp", "ar", "epochs", "threads", "pickled"))
-    plots = {name: os.path.relpath(os.path.normpath(os.path.join(raw, p)), md_dir) for name, p in run["plots"].items()}
-    first = min(ar)
+    plots = {name: os.path.relpath(os.path.normpath(os.path.join(raw, p)), md_dir)
+             for name, p in b["run"]["plots"].items()}
+    L = results_header(b, raw)
+    L += ddp_section(b["ddp"])
+    L += allreduce_section(b["ar"], plots)
+    L += paradigms_section(b, plots)
+    L += pickle_section(b["pickled"])
+    L += optimizations_section(b)
+    L += ["", "## Commands", "", "From the repo root, in this order:", "", "```"]
+    L += [f"{c['command']}  # {c['seconds']:.1f} s" for c in b["run"]["commands"]] + ["```", ""]
+    return "\n".join(L)
+
+
+def results_header(b, raw):
+    """RESULTS.md's title, what made it and where, and the targets."""
+    run, ar = b["run"], b["ar"]
     L = ["# Benchmark: the scripts against PyTorch DDP and MPI itself", ""]
     if run["tiny"]:
         L += ["**Tiny mode** (`--tiny`): a smoke test on synthetic data with a few steps, with 2 ranks. "
@@ -133,7 +148,7 @@ def render_results(raw, md_dir):
     L += [f"- Date: {run['date']}; the whole run took {run['wall_s'] / 60:.1f} min.",
           f"- Machine: {hw['cpu']}, {hw['cores']} CPU cores, GPU: {hw['gpu'] or 'none'}.",
           f"- Software: Python {run['python']}, torch {run['torch']}, mpi4py {run['mpi4py']}, "
-          f"{ar[first]['mpi'].split(',')[0]}, mpirun `{run['mpirun']}`.",
+          f"{ar[min(ar)]['mpi'].split(',')[0]}, mpirun `{run['mpirun']}`.",
           f"- Data: {run['dataset']}.",
           *provenance_lines(run.get("provenance")),
           "- Every part ran alone, one after another, in this one run; times are wall clock, "
@@ -148,26 +163,34 @@ def render_results(raw, md_dir):
           "[`FED.md`](FED.md) (`bench/fed_sweep.py`).", "",
           "## Targets", "",
           "| target | measured | limit | result |", "|---|---|---|---|"]
-    L += [f"| {what} | {fmt(v)} | {rule} | {verdict(v, limit, rule)} |" for what, v, limit, rule in bench_targets(b)]
+    return L + [f"| {what} | {fmt(v)} | {rule} | {verdict(v, limit, rule)} |"
+                for what, v, limit, rule in bench_targets(b)]
 
-    d0 = ddp[first]
-    L += ["", "## 1. Serverless step against PyTorch DDP (gloo)", "",
-          f"`bench/ddp.py`: the same model, per-rank batch {d0['batch_size']}, same data shares, "
-          f"{d0['steps']} timed steps per variant in {d0['blocks']} interleaved blocks after warmup. "
-          f"Equality: max |parameter difference| from the serverless step after {d0['check_steps']} "
-          "steps of plain SGD from the same weights (limit 1e-5).", "",
-          "| N | threads/rank | serverless steps/s | DDP steps/s | serverless / DDP | max abs diff: DDP | copy "
-          "| overlap |", "|---|---|---|---|---|---|---|---|"]
+
+def ddp_section(ddp):
+    """Part 1: the serverless step against DDP's, and their parameters' difference."""
+    d0 = ddp[min(ddp)]
+    L = ["", "## 1. Serverless step against PyTorch DDP (gloo)", "",
+         f"`bench/ddp.py`: the same model, per-rank batch {d0['batch_size']}, same data shares, "
+         f"{d0['steps']} timed steps per variant in {d0['blocks']} interleaved blocks after warmup. "
+         f"Equality: max |parameter difference| from the serverless step after {d0['check_steps']} "
+         "steps of plain SGD from the same weights (limit 1e-5).", "",
+         "| N | threads/rank | serverless steps/s | DDP steps/s | serverless / DDP | max abs diff: DDP | copy "
+         "| overlap |", "|---|---|---|---|---|---|---|---|"]
     for n, d in ddp.items():
         v, diff = d["variants"], d["max_abs_diff"]
         L.append(f"| {n} | {d['threads']} | {v['serverless']['steps_per_s']:.2f} | {v['ddp']['steps_per_s']:.2f} | "
                  f"**{v['serverless']['steps_per_s'] / v['ddp']['steps_per_s']:.2f}x** | "
                  f"{diff['ddp']:.1e} | {diff['copy']:.1e} | {diff['overlap']:.1e} |")
+    return L
 
-    L += ["", "## 2. Hand-written collectives against MPI_Allreduce", "",
-          "`bench/allreduce.py`: median of the slowest rank's time per call, in ms. `copy` is the "
-          "physical reference: np.copyto of the buffer, timed on every rank in the same run, "
-          "x 2(N-1)/N (a ring's traffic per rank at memcpy speed).", ""]
+
+def allreduce_section(ar, plots):
+    """Part 2: ring and tree against MPI_Allreduce and a memcpy, per size, at each N."""
+    L = ["", "## 2. Hand-written collectives against MPI_Allreduce", "",
+         "`bench/allreduce.py`: median of the slowest rank's time per call, in ms. `copy` is the "
+         "physical reference: np.copyto of the buffer, timed on every rank in the same run, "
+         "x 2(N-1)/N (a ring's traffic per rank at memcpy speed).", ""]
     for n, r in ar.items():
         L += [f"N = {n}:", "", "| size | mpi | ring | tree | copy | ring / mpi | mpi / copy |",
               "|---|---|---|---|---|---|---|"]
@@ -176,21 +199,24 @@ def render_results(raw, md_dir):
                      f"{row['tree_ms']:.3f} | {row['copy_ms']:.3f} | {row['ring_ms'] / row['mpi_ms']:.2f} | "
                      f"{row['mpi_ms'] / row['copy_ms']:.1f} |")
         L.append("")
-    L.append(f"![all-reduce time against size]({plots['allreduce']})")
+    return L + [f"![all-reduce time against size]({plots['allreduce']})"]
 
-    L += ["", "## 3. Paradigm cost", "",
-          f"One epoch of each script (FedAvg: one round, in which each of its {run['fed_n'] - 1} client(s) makes "
-          "one pass over its share), from the `history` of its results JSON. Epoch time includes evaluation. "
-          "Compute is training time less communication and waiting. Serverless splits its time in the "
-          "all-reduce into the call itself (the shortest time in it over ranks: the last rank to arrive "
-          "waits for no one) and waiting for the last rank; for the parameter server and FedAvg, "
-          "communication includes waiting for the server.", "",
-          "| run | ranks | threads/rank | steps | epoch s | compute s | communication s | waiting s | ms per step |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for label, e in epochs.items():
+
+def paradigms_section(b, plots):
+    """Part 3: an epoch of each script, split into compute, communication and waiting; and the
+    serverless step with and without its all-reduce."""
+    L = ["", "## 3. Paradigm cost", "",
+         f"One epoch of each script (FedAvg: one round, in which each of its {b['run']['fed_n'] - 1} client(s) "
+         "makes one pass over its share), from the `history` of its results JSON. Epoch time includes evaluation. "
+         "Compute is training time less communication and waiting. Serverless splits its time in the "
+         "all-reduce into the call itself (the shortest time in it over ranks: the last rank to arrive "
+         "waits for no one) and waiting for the last rank; for the parameter server and FedAvg, "
+         "communication includes waiting for the server.", "",
+         "| run | ranks | threads/rank | steps | epoch s | compute s | communication s | waiting s | ms per step |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for label, e in b["epochs"].items():
         L.append(f"| {label} | {e['ranks']} | {e['threads']} | {e['steps']} | {e['epoch_s']:.2f} | "
                  f"{e['compute_s']:.2f} | {e['comm_s']:.2f} | {e['wait_s']:.2f} | {e['step_ms']:.1f} |")
-    sv = {n: d["variants"] for n, d in ddp.items()}
     L += ["", f"![epoch time per paradigm]({plots['paradigms']})", "",
           "The serverless step, split (`bench/ddp.py`, same run as part 1). The time inside the all-reduce "
           "call (mean over ranks) includes waiting for the rank that finishes its backward last, which "
@@ -198,29 +224,40 @@ def render_results(raw, md_dir):
           "exposed overhead: the step with it, less the step with it skipped (ranks uncoupled), interleaved.", "",
           "| N | step ms | in all-reduce ms | step without all-reduce ms | exposed overhead ms | of the step |",
           "|---|---|---|---|---|---|"]
-    for n, v in sv.items():
+    for n, d in b["ddp"].items():
+        v = d["variants"]
         exposed = v["serverless"]["step_ms"] - v["skip"]["step_ms"]
         L.append(f"| {n} | {v['serverless']['step_ms']:.1f} | {v['serverless']['comm_ms']:.2f} | "
                  f"{v['skip']['step_ms']:.1f} | {exposed:.2f} | {100 * exposed / v['serverless']['step_ms']:.1f}% |")
+    return L
 
-    p0 = pickled[first]
-    L += ["", "## 4. Pickle against buffer", "",
-          "`bench/pickle_vs_buffer.py`: summing a gradient of the model's size "
-          f"({p0['floats']:,} float32 in {p0['tensors']} tensors); median ms of the slowest rank.", "",
-          "| N | " + " | ".join(f"`{w}`" for w in p0["median_ms"]) + " | slowdown of the pickled ways |",
-          "|---|---|---|---|---|"]
+
+def pickle_section(pickled):
+    """Part 4: the lowercase (pickling) calls against the buffer call."""
+    p0 = pickled[min(pickled)]
+    L = ["", "## 4. Pickle against buffer", "",
+         "`bench/pickle_vs_buffer.py`: summing a gradient of the model's size "
+         f"({p0['floats']:,} float32 in {p0['tensors']} tensors); median ms of the slowest rank.", "",
+         "| N | " + " | ".join(f"`{w}`" for w in p0["median_ms"]) + " | slowdown of the pickled ways |",
+         "|---|---|---|---|---|"]
     for n, p in pickled.items():
         ms = p["median_ms"]
         slow = ", ".join(f"{ms[w] / ms['Allreduce(buffer)']:.1f}x" for w in ms if w != "Allreduce(buffer)")
         L.append(f"| {n} | " + " | ".join(f"{t:.3f}" for t in ms.values()) + f" | {slow} |")
+    return L
 
-    L += ["", "## Optimizations and their measured gains", "",
-          "Gain = time before / time after, both measured in this run (> 1: the optimization helps).", "",
-          "| optimization | N | before | after | gain | in the scripts |", "|---|---|---|---|---|---|"]
+
+def optimizations_section(b):
+    """Each optimization's gain, measured in the run, and why the one the scripts skip does not pay."""
+    sv = {n: d["variants"] for n, d in b["ddp"].items()}
+    L = ["", "## Optimizations and their measured gains", "",
+         "Gain = time before / time after, both measured in this run (> 1: the optimization helps).", "",
+         "| optimization | N | before | after | gain | in the scripts |", "|---|---|---|---|---|---|"]
     for n, v in sv.items():
         L.append(f"| grads as views of the flat buffer (before: torch.cat + copy back), ms/step | {n} | "
                  f"{v['copy']['step_ms']:.1f} | {v['serverless']['step_ms']:.1f} | "
                  f"**{v['copy']['step_ms'] / v['serverless']['step_ms']:.2f}x** | yes: utils.flatten_parameters |")
+    threads = b["threads"]
     before, after = thread_step_ms(threads)
     L.append(f"| {threads['default']['threads']} thread(s) per rank, cores/ranks (before: OMP_NUM_THREADS=2, "
              f"oversubscribed), ms/step over {threads['default']['steps']} steps | 2 | {before:.1f} | {after:.1f} | "
@@ -231,7 +268,7 @@ def render_results(raw, md_dir):
                  f"{v['serverless']['step_ms']:.1f} | {v['overlap']['step_ms']:.1f} | **{gains[n]:.2f}x** | "
                  "no: bench/ddp.py only |")
     views = {n: v["copy"]["step_ms"] / v["serverless"]["step_ms"] for n, v in sv.items()}
-    kb = round(4 * p0["floats"] / 1000)  # decimal KB, as the README counts
+    kb = round(4 * b["pickled"][min(b["pickled"])]["floats"] / 1000)  # decimal KB, as the README counts
     L += ["", "Grads as views of the flat buffer " + ("gained " if all(g >= OVERLAP_WINS for g in views.values())
           else "gained nothing measurable ") + f"({', '.join(f'N={n}: {g:.2f}x' for n, g in views.items())}): "
           f"the pack and unpack it saves copy the {kb} KB gradient twice per step, a fraction of a millisecond "
@@ -241,21 +278,24 @@ def render_results(raw, md_dir):
     L += ["", f"Overlap {'beat' if won else 'did not beat'} the plain step by the {OVERLAP_WINS:.2f}x that this "
           f"machine's noise calls for, at every N ({', '.join(f'N={n}: {g:.2f}x' for n, g in gains.items())})."]
     if not won:  # say why, from this run's numbers
-        why = f" There is little to hide: the all-reduce of the whole gradient ({kb} KB) is short once the ranks"
-        why += " are in step"
-        near = {nbytes: at_size(ar[first], nbytes) for nbytes in (256 << 10, 1 << 20)}
-        if all(near.values()):
-            why += (f" (part 2, N={first}: {near[256 << 10]['mpi_ms']:.2f} ms at 256 KB, "
-                    f"{near[1 << 20]['mpi_ms']:.2f} ms at 1 MB)")
-        why += ", and backward already keeps every core busy"
-        if run["no_progress_thread"]:
-            why += (", while this Open MPI has no progress thread (`ompi_info`: OMPI progress: no), so a "
-                    "started Iallreduce moves on only inside MPI calls, here the final Waitall")
-        L[-1] += why + ". The scripts keep the plain step, which is simpler to read."
+        L[-1] += why_no_overlap(b, kb)
+    return L
 
-    L += ["", "## Commands", "", "From the repo root, in this order:", "", "```"]
-    L += [f"{c['command']}  # {c['seconds']:.1f} s" for c in run["commands"]] + ["```", ""]
-    return "\n".join(L)
+
+def why_no_overlap(b, kb):
+    """The sentence on why overlapping the all-reduce with backward did not pay, from the run's numbers."""
+    ar = b["ar"][min(b["ar"])]
+    why = f" There is little to hide: the all-reduce of the whole gradient ({kb} KB) is short once the ranks"
+    why += " are in step"
+    near = {nbytes: at_size(ar, nbytes) for nbytes in (256 << 10, 1 << 20)}
+    if all(near.values()):
+        why += (f" (part 2, N={min(b['ar'])}: {near[256 << 10]['mpi_ms']:.2f} ms at 256 KB, "
+                f"{near[1 << 20]['mpi_ms']:.2f} ms at 1 MB)")
+    why += ", and backward already keeps every core busy"
+    if b["run"]["no_progress_thread"]:
+        why += (", while this Open MPI has no progress thread (`ompi_info`: OMPI progress: no), so a "
+                "started Iallreduce moves on only inside MPI calls, here the final Waitall")
+    return why + ". The scripts keep the plain step, which is simpler to read."
 
 
 def thread_step_ms(threads):
@@ -269,8 +309,10 @@ SCRIPTS = ("cent_sgd", "dist_sgd_serverless", "dist_sgd_param_server", "fed_avg_
 
 
 def records(folder):
-    """The reference run's records: the scripts' (from HW5.ipynb), the notebook's own, and the bench's."""
-    r = {name: load(os.path.join(folder, f"{name}.json")) for name in (*SCRIPTS, "allreduce_n4", "notebook")}
+    """The reference run's records: the notebook's run (its scripts', its all-reduce bench's and its own,
+    in notebook/), the bench's, the seed runs and the FedAvg sweep's."""
+    r = {name: load(os.path.join(folder, "notebook", f"{name}.json"))
+         for name in (*SCRIPTS, "allreduce_n4", "notebook")}
     r["bench"] = bench_records(os.path.join(folder, "bench"))
     r["runs"] = seed_runs(os.path.join(folder, "runs"))
     fed = os.path.join(folder, "fed")  # bench/fed_sweep.py's records: <split>_<label>.json
@@ -311,8 +353,10 @@ def host_of(records):
     gflops = [r["provenance"]["host"]["matmul_gflops_all_cores"] for r in records]
     return (" and ".join(f"{cpu} (family {family}, model {model}), {cores} cores" for cpu, family, model, cores
                          in hosts)
-            + f", whose float32 matmul ran at {min(gflops):.0f}–{max(gflops):.0f} GFLOP/s before the runs "
-            "(the host's calibration, taken before each)")
+            + (f", whose float32 matmul ran at {gflops[0]:.0f} GFLOP/s before the run (the host's calibration)"
+               if len(gflops) == 1 else
+               f", whose float32 matmul ran at {min(gflops):.0f}–{max(gflops):.0f} GFLOP/s before the runs "
+               "(the host's calibration, taken before each)"))
 
 
 def seeds_table(runs):
@@ -440,23 +484,39 @@ def the_first_rounds_reach(r, k=3):
 # ----------------------------------------------------------------------------- README.md
 
 def readme_fragments(R):
-    cent, sv, ps, iid, non = (R[k] for k in SCRIPTS)
-    b = R["bench"]
-    run, nb = b["run"], R["notebook"]
-    F = {}
+    """{name: text} of every fragment README.md and docs/ mark."""
+    F = {"results-setup": results_setup(R), "results-table": results_table(R),
+         "results-bullets": results_bullets(R), **bench_fragments(R["bench"])}
+    b, iid, non = R["bench"], R["fed_avg_iid"], R["fed_avg_non-iid"]
+    F["q7-table"] = "\n".join(q7_table(b["ar"]) + ["", q7_note(b)])
+    F["noniid"] = noniid_paragraph(iid, non) + seed_gap(R["runs"], "[the reference runs](#the-reference-runs)")
+    F["drift"] = drift_paragraph(R["fed"])
+    F["reference-runs"] = seeds_table(R["runs"]) if R["runs"] else "No run of `python bench/reference.py` yet."
+    return {name: text if "\n" not in text and name.endswith("-wall") else wrap(text) for name, text in F.items()}
 
-    F["results-setup"] = (
-        f"Measured by one run of `HW5.ipynb`, top to bottom ({nb['minutes']:.1f} min, finished "
-        f"{nb['finished']}), on {machine(cent)}; PyTorch {cent['torch']}, {mpi_name(R['allreduce_n4'])}; "
-        f"dataset: {cent['config']['dataset']}. Every script ran "
+
+def results_setup(R):
+    """What made the notebook's run, on which host, and what its table's columns mean."""
+    cent, nb = R["cent_sgd"], R["notebook"]
+    prov = nb["provenance"]
+    return (
+        f"Measured by one run of `HW5.ipynb`, top to bottom, on seed 0 ({nb['minutes']:.1f} min, finished "
+        f"{nb['finished']}), made by `python bench/reference.py` at commit {prov['commit'][:10]}"
+        + (" with uncommitted changes" if prov["dirty"] else "") + f" on {host_of([nb])}"
+        + ("; other heavy processes shared the machine, so its times are not this host's (contended)"
+           if prov["contended"] else ", with the machine to itself")
+        + f"; PyTorch {cent['torch']}, {mpi_name(R['allreduce_n4'])}; data: {cent['data']}. Every script ran "
         + ("in the notebook's quick mode (one epoch or round on synthetic data)" if nb["quick"] else "with its defaults")
-        + ", one after another. "
-        "*training* is the training loop (the record's `wall_time`: no start-up or data loading), "
-        "and an epoch (FedAvg: a round) includes its evaluation. The records are in "
-        "[`results/reference/`](results/reference/).")
+        + ", one after another. *training* is the training loop (the record's `wall_time`: no start-up or data "
+        "loading), and an epoch (FedAvg: a round) includes its evaluation. The records are in "
+        "[`results/reference/notebook/`](results/reference/notebook/).")
 
+
+
+def results_table(R):
+    """One row per script of the notebook's run: its command, setup, accuracy and times."""
     rows = ["| command | what | test accuracy | training | per epoch / round |", "|---|---|---|---|---|"]
-    for r in (cent, sv, ps, iid, non):
+    for r in (R[k] for k in SCRIPTS):
         c = r["config"]
         if r["script"] == "cent_sgd":
             what = f"{plural(c['epochs'], 'epoch')}, batch {c['batch_size']}, lr {c['lr']:g}, " \
@@ -472,8 +532,12 @@ def readme_fragments(R):
         t = epoch_times(r)
         rows.append(f"| `{command(r)}` | {what} | **{pct(r['final_test_acc'])}** | {r['wall_time']:.0f} s | "
                     f"{min(t):.1f}–{max(t):.1f} s |")
-    F["results-table"] = "\n".join(rows)
+    return "\n".join(rows)
 
+
+def results_bullets(R):
+    """The notebook's run in detail: memory, where a serverless step goes, the server's bytes."""
+    cent, sv, ps, iid, non = (R[k] for k in SCRIPTS)
     bullets = []
     if all("max_rss_mb" in r for r in (cent, sv, ps, iid, non)):
         bullets.append("- Peak resident memory of rank 0: " + ", ".join(
@@ -498,35 +562,18 @@ def readme_fragments(R):
         f"{worker['bytes_recv']:,}{formula}, and the server "
         + (f"{W} times that." if server["bytes_recv"] == W * worker["bytes_sent"] else
            f"received {server['bytes_recv']:,} and sent {server['bytes_sent']:,}."))
-    F["results-bullets"] = "\n".join(bullets)
+    return "\n".join(bullets)
 
+
+def bench_fragments(b):
+    """The full bench's wall time and its findings (its targets' table is RESULTS.md's own)."""
+    run = b["run"]
     data = "CIFAR-10" if run["dataset"].startswith("CIFAR-10") else "synthetic data"
-    F["bench-wall"] = f"{run['wall_s'] / 60:.1f} min on {machine_of_run(run)}, on {data}" + (
+    wall = f"{run['wall_s'] / 60:.1f} min on {machine_of_run(run)}, on {data}" + (
         ", in its `--tiny` mode: a smoke test of a few steps, so the numbers below show the tables' "
         "shape, not this machine's performance (the full bench has yet to be rerun at this code)"
         if run["tiny"] else "")
-    targets = bench_targets(b)
-    by = {what: v for what, v, _, _ in targets}
-    ns = sorted(b["ddp"])
-    rows = ["| target | measured | limit |", "|---|---|---|",
-            f"| serverless step against PyTorch DDP (gloo, same model, batch and N), steps/s, "
-            f"N = {' and '.join(map(str, ns))} | "
-            + ", ".join(f"{by[f'serverless steps/s / DDP-gloo steps/s, N={n}']:.2f}×" for n in ns) + " | ≥ 1.0× |",
-            f"| hand-written ring against `MPI_Allreduce`, time at 4 MB, N = {' and '.join(map(str, ns))} | "
-            + ", ".join(fmt(by[f"ring / MPI_Allreduce time at 4 MB, N={n}"]) + "×" for n in ns).replace("–×", "–")
-            + " | ≤ 2× |",
-            "| serverless N = 2 epoch against centralized, same global batch 128, same cores | "
-            f"{by['serverless N=2 epoch / centralized batch 128 epoch']:.2f}× | ≤ 1.15× |",
-            f"| the whole bench | {run['wall_s'] / 60:.1f} min | ≤ 15 min |"]
-    F["bench-table"] = "\n".join(rows)
-    F["bench-bullets"] = "\n".join(bench_bullets(b))
-
-    F["q7-table"] = "\n".join(q7_table(b["ar"]) + ["", q7_note(b)])
-    F["noniid"] = noniid_paragraph(iid, non) + recipe_note(R["runs"].get("fed_avg_non-iid"),
-                                                            "[the reference runs](#the-reference-runs-at-this-code)")
-    F["drift"] = drift_paragraph(R["fed"])
-    F["reference-runs"] = seeds_table(R["runs"]) if R["runs"] else "No run of `python bench/reference.py` yet."
-    return {name: text if "\n" not in text and name.endswith("-wall") else wrap(text) for name, text in F.items()}
+    return {"bench-wall": wall, "bench-bullets": "\n".join(bench_bullets(b))}
 
 
 def machine_of_run(run):
@@ -635,16 +682,19 @@ def noniid_paragraph(iid, non):
             f"{the_first_rounds_reach(non)} {first_rounds(non)} (iid: {first_rounds(iid)}).")
 
 
-def recipe_note(runs, where):
-    """Q5 at this code's recipe, beside the older record's numbers, citing `where`: sentences, or ''."""
-    if not runs:
+def seed_gap(runs, where):
+    """Q5's answer over the seeds: the gap between the means of the iid and non-iid runs, citing `where`."""
+    iid, non = runs.get("fed_avg_iid"), runs.get("fed_avg_non-iid")
+    if not (iid and non):
         return ""
-    return (f" Those are the numbers of the recipe before `--clip-norm`: that seed 0 fell to chance in rounds 3 "
-            f"to 6 (on another host of this kind it diverged to NaN in round 3), a training instability rather "
-            f"than the non-iid effect. At this code, which clips the gradient's norm at "
-            f"{runs[0]['config']['clip_norm']:g}, the same command reaches **{spread(runs)}**; seed 0's first "
-            "rounds reach " + ", ".join(f"{h['test_acc']:.1f}%" for h in runs[0]["history"][:3])
-            + f" ({where}).")
+    accs = {k: [r["final_test_acc"] for r in rs] for k, rs in (("iid", iid), ("non", non))}
+    gap = sum(accs["iid"]) / len(iid) - sum(accs["non"]) / len(non)
+    ranges = [max(a) - min(a) for a in accs.values()]
+    return (f" Over the seeds ({where}), iid clients reach {spread(iid)} and non-iid clients {spread(non)}: "
+            f"the non-iid split costs **{gap:.1f} points**, "
+            + (f"far more than either's spread over the seeds ({ranges[0]:.2f} and {ranges[1]:.2f} points)."
+               if gap > 2 * max(ranges) else f"against spreads over the seeds of {ranges[0]:.2f} and "
+               f"{ranges[1]:.2f} points."))
 
 
 def drift_paragraph(fed):
@@ -656,7 +706,7 @@ def drift_paragraph(fed):
     mean = lambda xs: sum(x for x in xs if x is not None) / len([x for x in xs if x is not None])
     last = len(non["history"]) - 1
     text = (f"Measured with `--measure-drift` (`python bench/fed_sweep.py`, table in "
-            f"[`bench/FED.md`](bench/FED.md), figure `figures/client_drift.png`): after round 1 a client's "
+            f"[`bench/FED.md`](../bench/FED.md), figure `figures/client_drift.png`): after round 1 a client's "
             f"model lies {mean(d(non, 0)['distance']):.3f} of the global model's norm from the new global model "
             f"on the shards, against {mean(d(iid, 0)['distance']):.3f} with iid clients "
             f"(round {last + 1}: {mean(d(non, last)['distance']):.3f} against {mean(d(iid, last)['distance']):.3f}). "
@@ -672,6 +722,14 @@ def drift_paragraph(fed):
         text += (f" With the label-skew fixes the clients' models still score on the other classes in round {last + 1}: "
                  + ", ".join(f"{pct(mean(d(r, last)['acc_other']))} with {algorithm_name(r['config'])}" for r in fixes)
                  + ".")
+    return text + remedies(fed, iid, non) + " " + recipe([r["config"] for r in fed.values()])
+
+
+def remedies(fed, iid, non):
+    """The sweep's algorithms on each split, best first, each with the mu or momentum tuned on the shards;
+    and FedAvg at SCAFFOLD's bytes."""
+    last = len(non["history"]) - 1
+    text = ""
 
     def kind(r):  # the algorithm, and whether a client-side fix also takes server momentum
         c = r["config"]
@@ -686,7 +744,7 @@ def drift_paragraph(fed):
         if r["split"] == non["split"] and len(r["history"]) == len(non["history"]):
             tuned[kind(r)] = max(tuned.get(kind(r), r), r, key=lambda r: r["final_test_acc"])
 
-    def remedies(split):  # each algorithm's final accuracy on `split`, best first, after as many rounds
+    def ranked(split):  # each algorithm's final accuracy on `split`, best first, after as many rounds
         rivals = [r for r in fed.values() if r["split"] == split and len(r["history"]) == len(non["history"])]
         if split == non["split"]:
             rivals = list(tuned.values())
@@ -697,7 +755,7 @@ def drift_paragraph(fed):
                 for r in sorted(rivals, key=lambda r: -r["final_test_acc"])] if len(rivals) > 1 else []
     splits = [non["split"], *sorted({r["split"] for r in fed.values()} - {iid["split"], non["split"]}), iid["split"]]
     for split in splits:
-        parts = remedies(split)
+        parts = ranked(split)
         if parts and split == non["split"]:
             text += (f" The remedies on the shards, after the same {plural(last + 1, 'round')}, each with the best "
                      f"μ or momentum of the sweep: {', '.join(parts)}.")
@@ -709,7 +767,7 @@ def drift_paragraph(fed):
     twice = {r["split"]: r for name, r in fed.items() if name.endswith("_fedavg_2x")}
     where = {iid["split"]: "iid", non["split"]: "on the shards"}
     if twice:
-        text += (f" FedAvg with SCAFFOLD's bytes spent on twice the rounds, of half the local steps, reaches "
+        text += (" FedAvg with SCAFFOLD's bytes spent on twice the rounds, of half the local steps, reaches "
                  + ", ".join(f"{pct(twice[split]['final_test_acc'])} {where.get(split, 'on ' + split.split(', ')[-1])}"
                              for split in splits if split in twice) + ".")
     return text
@@ -718,54 +776,95 @@ def drift_paragraph(fed):
 # ----------------------------------------------------------------------------- HW5.ipynb
 
 def notebook_fragments(R):
-    cent, sv, ps, iid, non = (R[k] for k in SCRIPTS)
-    nb, ar = R["notebook"], R["allreduce_n4"]
+    """{name: text} of every fragment HW5.ipynb's markdown cells mark: the run's note and the answers."""
+    seeds = spread_of(R["runs"])
+    F = {"notebook-run": notebook_run_note(R), "answer-q1": answer_q1(R, seeds), "answer-q2": answer_q2(R, seeds),
+         "answer-q3": answer_q3(R, seeds), "answer-q4": answer_q4(R, seeds), "answer-q5": answer_q5(R),
+         "q5-local-steps": f"{max(R['fed_avg_non-iid']['local_steps']):,}",
+         "q6-local-steps": f"{max(R['fed_avg_iid']['local_steps']):,}",
+         "answer-q7-measured": q7_measured(R["allreduce_n4"])}
+    return {name: text if name.endswith("-steps") else wrap(text) for name, text in F.items()}
+
+
+def spread_of(runs):
+    """name -> ' (seed 0; the mean over 3 seeds is 77.77%, range 77.61–77.98)', or '' before the seed runs exist."""
+    def seeds(name):
+        if name not in runs:
+            return ""
+        accs = [r["final_test_acc"] for r in runs[name]]
+        return (f" (seed 0; the mean over {len(accs)} seeds is {sum(accs) / len(accs):.2f}%, range "
+                f"{min(accs):.2f}–{max(accs):.2f})")
+    return seeds
+
+
+def notebook_run_note(R):
+    """What made the outputs below: the run, its host and commit, and the seeds the answers cite."""
+    cent, sv, ps, nb, ar = R["cent_sgd"], R["dist_sgd_serverless"], R["dist_sgd_param_server"], R["notebook"], \
+        R["allreduce_n4"]
     hw = cent["hardware"]
-    F = {}
     shared = (f", so the {sv['world_size']} or {ps['world_size']} ranks of Q2 to Q5 share {hw['cores']} cores, and "
               "the wall times show this machine rather than how the paradigms scale"
               if not hw["gpu"] and hw["cores"] < ps["world_size"] else "")
-    F["notebook-run"] = (
-        f"**About the outputs below.** They come from one run of this notebook, top to bottom, finished "
-        f"{nb['finished']}, in {nb['minutes']:.1f} minutes{' (quick mode)' if nb['quick'] else ''}: "
+    prov = nb["provenance"]
+    return (
+        f"**About the outputs below.** They come from one run of this notebook, top to bottom, on seed 0, "
+        f"finished {nb['finished']}, in {nb['minutes']:.1f} minutes{' (quick mode)' if nb['quick'] else ''}, "
+        f"made by `python bench/reference.py` at commit {prov['commit'][:10]}: "
         f"{machine(cent)} (PyTorch {cent['torch']} on the {cent['device']}, {mpi_name(ar)}){shared}. "
-        f"Dataset: {cent['config']['dataset']}. Their JSON records are committed in `results/reference/`, "
-        "and `python bench/report.py` writes the numbers of the answers below from them.")
+        f"Data: {cent['data']}. Their JSON records are committed in `results/reference/notebook/`, and "
+        "`python bench/report.py` writes the numbers of the answers below from them. Each answer also gives "
+        "the mean and range of its command over seeds 0, 1 and 2 (`results/reference/runs/`): another seed, "
+        "or another machine's float rounding, moves a run by about a point.")
 
+
+def answer_q1(R, seeds):
+    cent = R["cent_sgd"]
     c = cent["config"]
-    F["answer-q1"] = (
-        f"**Answer (Q1).** Centralized SGD reaches **{pct(cent['final_test_acc'])}** test accuracy after "
+    return (
+        f"**Answer (Q1).** Centralized SGD reaches **{pct(cent['final_test_acc'])}** test accuracy"
+        f"{seeds('cent_sgd')} after "
         f"{plural(c['epochs'], 'epoch')} ({plural(cent['steps'], 'step')} of batch {c['batch_size']}, "
         f"lr {c['lr']:g}) in "
         f"{minutes(cent['wall_time'])} of training. The cell below reads the number from "
-        "`results/reference/cent_sgd.json`, which the script wrote.")
+        "`results/reference/notebook/cent_sgd.json`, which the script wrote.")
 
+
+def answer_q2(R, seeds):
+    cent, sv = R["cent_sgd"], R["dist_sgd_serverless"]
     N, b = sv["world_size"], sv["config"]["batch_size"]
-    F["answer-q2"] = (
-        f"**Answer (Q2).** Serverless data-parallel SGD on {N} ranks reaches **{pct(sv['final_test_acc'])}** "
-        f"(Q1: {pct(cent['final_test_acc'])}). The per-rank batch is {b}, so each step uses a global batch of "
-        f"{N * b} and an epoch takes {N}× fewer steps ({sv['steps']:,} in all); the lr is scaled by √{N} to "
-        f"{sv['config']['lr']:g}. The model has no BatchNorm, so the averaged gradient is exactly the gradient "
+    return (
+        f"**Answer (Q2).** Serverless data-parallel SGD on {N} ranks reaches **{pct(sv['final_test_acc'])}**"
+        f"{seeds('dist_sgd_serverless')}, against Q1's {pct(cent['final_test_acc'])}. The per-rank batch is {b}, so "
+        f"each step uses a global batch of {N * b} and an epoch takes {N}× fewer steps ({sv['steps']:,} in all); "
+        f"the lr is scaled by √{N} to {sv['config']['lr']:g}. The model has no BatchNorm, so the averaged gradient is exactly the gradient "
         f"of the whole global batch: this *is* centralized SGD with batch {N * b} (the tests check it to float32 "
         "rounding), and the difference from Q1 comes from the larger batch and lr, not from distributing the "
         "work.")
 
+
+def answer_q3(R, seeds):
+    sv, ps = R["dist_sgd_serverless"], R["dist_sgd_param_server"]
     gap = abs(ps["final_test_acc"] - sv["final_test_acc"])
-    F["answer-q3"] = (
+    return (
         f"**Answer (Q3).** The parameter server with {ps['num_workers']} workers reaches "
-        f"**{pct(ps['final_test_acc'])}** (Q2: {pct(sv['final_test_acc'])}). It computes the same steps as Q2: "
+        f"**{pct(ps['final_test_acc'])}**{seeds('dist_sgd_param_server')}, against Q2's {pct(sv['final_test_acc'])}. "
+        "It computes the same steps as Q2: "
         f"the same global batch of {ps['global_batch']}, the same lr, with the momentum held by the server. "
         f"The two runs end {gap:.2f} points apart only through float32 rounding (the server adds the "
         f"gradients in another order than `MPI_Allreduce`), which grows over {ps['steps']:,} steps. What "
         "differs by design is the traffic: all of it goes through rank 0 (Q6), and the time: "
         f"{minutes(ps['wall_time'])} of training against {minutes(sv['wall_time'])}.")
 
+
+def answer_q4(R, seeds):
+    cent, sv, ps, iid = (R[k] for k in SCRIPTS[:4])
     K, steps = len(iid["client_sizes"]), max(iid["local_steps"])
     others = [cent["final_test_acc"], sv["final_test_acc"], ps["final_test_acc"]]
     where = ("below all of" if iid["final_test_acc"] < min(others) else
              "above all of" if iid["final_test_acc"] > max(others) else "between")
-    F["answer-q4"] = (
-        f"**Answer (Q4).** FedAvg with {K} iid clients reaches **{pct(iid['final_test_acc'])}** after "
+    return (
+        f"**Answer (Q4).** FedAvg with {K} iid clients reaches **{pct(iid['final_test_acc'])}**"
+        f"{seeds('fed_avg_iid')} after "
         f"{plural(len(iid['history']), 'round')}. Each round every client starts from the global model, "
         f"takes {steps:,} local SGD steps (one pass over its {max(iid['client_sizes']):,} samples) and sends its "
         "weights back; the server averages them weighted by sample count. That is "
@@ -774,22 +873,19 @@ def notebook_fragments(R):
         f"not the same as {steps:,} steps of SGD. In exchange it talks to "
         "the server once per round instead of once per step.")
 
+
+def answer_q5(R):
+    iid, non = R["fed_avg_iid"], R["fed_avg_non-iid"]
     diff = iid["final_test_acc"] - non["final_test_acc"]
     shards = 2 * len(non["client_sizes"])
-    F["answer-q5"] = (
+    return (
         f"**Answer (Q5).** With non-iid clients FedAvg reaches **{pct(non['final_test_acc'])}**, "
         f"{abs(diff):.1f} points {'below' if diff > 0 else 'above'} the iid split ({pct(iid['final_test_acc'])}), "
         "with the same data, model, rounds and communication. In the plots, each iid client holds all "
         f"classes in equal parts; each non-iid client holds {classes_held(non)} (the training set, sorted by "
         f"label, is cut into {shards} shards of {sum(non['client_sizes']) // shards:,} images and each client "
         f"gets 2). {the_first_rounds_reach(non).capitalize()} {first_rounds(non)}, against {first_rounds(iid)} "
-        "with iid clients.")
-    F["answer-q5"] += recipe_note(R["runs"].get("fed_avg_non-iid"),
-                                  "`results/reference/runs/`, made by `python bench/reference.py`")
-    F["q5-local-steps"] = f"{max(non['local_steps']):,}"
-    F["q6-local-steps"] = f"{max(iid['local_steps']):,}"
-    F["answer-q7-measured"] = q7_measured(ar)
-    return {name: text if name.endswith("-steps") else wrap(text) for name, text in F.items()}
+        "with iid clients." + seed_gap(R["runs"], "`results/reference/runs/`, made by `python bench/reference.py`"))
 
 
 def q7_measured(ar):
@@ -801,7 +897,7 @@ def q7_measured(ar):
 
     worst = max(r["mpi_ms"] / min(r["ring_ms"], r["tree_ms"]) for r in rows)
     return (
-        f"**What the benchmark shows** (N = {N}, `results/reference/allreduce_n{N}.json`, all ranks on one "
+        f"**What the benchmark shows** (N = {N}, `results/reference/notebook/allreduce_n{N}.json`, all ranks on one "
         f"machine, {ar['machine']}, so a \"link\" is shared memory). For small buffers the latency term "
         f"dominates, and the tree (2⌈log2 {N}⌉ = {2 * log_n} rounds) "
         f"{'beats' if lo['tree_ms'] < lo['ring_ms'] else 'does not beat'} the ring ({2 * (N - 1)} steps): at "
@@ -839,7 +935,7 @@ def fill(text, fragments, where):
 
 
 def generated(folder):
-    """{path: (current text, text generated from the records)} for README.md, HW5.ipynb, RESULTS.md."""
+    """{path: (current text, text generated from the records)} for README.md, docs/*.md, HW5.ipynb, RESULTS.md."""
     import nbformat  # only here: rendering RESULTS.md (bench/run.py) needs no Jupyter
 
     R = records(folder)
@@ -847,12 +943,14 @@ def generated(folder):
     if smoke:
         raise SystemExit(f"error: {', '.join(smoke)} in {shown_path(folder)} are smoke-test (--tiny) records: "
                          "the numbers of a few steps are no measurement. Rerun: python bench/reference.py")
-    out = {}
-    with open(README) as f:
-        current = f.read()
-    text, found = fill(current, readme_fragments(R), "README.md")
-    missing(readme_fragments(R), found, "README.md")
-    out[README] = (current, text)
+    out, fragments, found = {}, readme_fragments(R), []
+    for path in markdown_pages():
+        with open(path) as f:
+            current = f.read()
+        text, names = fill(current, fragments, os.path.relpath(path, ROOT))
+        found += names
+        out[path] = (current, text)
+    missing(fragments, found, "README.md and docs/")
 
     with open(NOTEBOOK) as f:
         current = f.read()
@@ -881,6 +979,12 @@ def smoke_test_records(folder):
                     if json.load(f).get("tiny"):
                         found.append(os.path.relpath(os.path.join(d, name), folder))
     return found
+
+
+def markdown_pages():
+    """README.md and the topic pages of docs/, where the README's fragments live."""
+    pages = sorted(os.path.join(DOCS, f) for f in os.listdir(DOCS) if f.endswith(".md")) if os.path.isdir(DOCS) else []
+    return [README, *pages]
 
 
 def missing(fragments, found, where):

@@ -1,5 +1,6 @@
 """Launch a script under mpirun from a test, the way mpi4py's own test suite does."""
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -97,6 +98,16 @@ def in_process(script, *args, env=None):
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def bench_module(name):
+    """bench/<name>.py as a module, loaded the way `python bench/<name>.py` sees its siblings."""
+    if os.path.join(ROOT, "bench") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_committed(name, rendered, command):

@@ -1,4 +1,4 @@
-"""Every training command that a script's docstring or README.md's Running section shows trains at
+"""Every training command that a script's docstring, README.md or a page of docs/ shows trains at
 its defaults: on synthetic data, for one epoch (FedAvg: one round), it ends above chance, with no NaN.
 
     python -m pytest -q -m slow tests/test_commands.py
@@ -23,9 +23,10 @@ def documented():
     for script in SCRIPTS:
         with open(os.path.join(ROOT, script)) as f:
             texts.append(f.read().split('"""')[1])  # the docstring
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    texts.append(readme[readme.index("## Running"):readme.index("## Run across machines")])
+    docs = os.path.join(ROOT, "docs")
+    for page in ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(docs)) if f.endswith(".md")]:
+        with open(os.path.join(ROOT, page)) as f:
+            texts.append(f.read())
     commands = {" ".join(m.split()) for text in texts for m in COMMAND.findall(text)}
     return sorted(commands)
 

@@ -274,9 +274,39 @@ def test_sweep_tiny_writes_records_table_and_figures(tmp_path):
     assert re.search(r"^\| FedRS \(alpha 0.5\) \| [\d.]+ \| [\d.]+ \|", table, re.M), table  # its drift row
     for png in ("fed_sweep_non-iid.png", "client_drift.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    # the spread: FedAvg and the best variant again with seed 1, from their seed-0 flags
+    seeded = sorted(p.name for p in (tmp_path / "seeds").iterdir())
+    assert len(seeded) == 2 and "non-iid_fedavg_seed1.json" in seeded, seeded
+    assert "| non-iid | FedAvg | " in table and "Over seeds 0, 1:" in table, table
     # at the same bytes: the 2x-rounds FedAvg moved what SCAFFOLD moved
     rec = lambda name: json.loads((tmp_path / f"non-iid_{name}.json").read_text())["bytes_per_rank"]
     assert rec("fedavg_2x")[0]["bytes_sent"] == rec("scaffold")[0]["bytes_sent"]
+
+
+def test_the_spread_says_which_differences_exceed_the_seeds(tmp_path):
+    """bench/fed_sweep.py's seed table: a difference counts only when the ranges over the seeds
+    do not overlap, and a diverged seed is shown as such and left out of the mean."""
+    from bench import fed_sweep
+
+    def record(path, acc, **config):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"config": {"algorithm": "fedavg", "seed": 0, **config}, "final_test_acc": acc,
+                                    "history": [{"round": 1}] * 10, **({"diverged": "error: nan"} if acc is None else {})}))
+    for split, fedavg, best in (("non-iid", (45.0, 63.0, 64.0), (65.0, 63.5, 66.0)),
+                                ("iid", (75.0, 76.0, 75.5), (78.0, 78.5, None))):
+        for label, accs, algo in (("fedavg", fedavg, "fedavg"), ("fedavgm_b0.3", best, "fedavgm")):
+            extra = {"server_momentum": 0.3, "server_lr": 1.0} if algo == "fedavgm" else {}
+            for seed, acc in enumerate(accs):
+                name = f"{split}_{label}" + (f"_seed{seed}" if seed else "")
+                record(tmp_path / ("seeds" if seed else ".") / f"{name}.json", acc, algorithm=algo, seed=seed, **extra)
+    text = "\n".join(fed_sweep.spread_lines(str(tmp_path)))
+    assert "| non-iid | FedAvg | 45.00 | 63.00 | 64.00 | 57.33 (45.00–64.00) |" in text, text
+    assert "- non-iid: FedAvgM (momentum 0.3, server lr 1) against FedAvg, +7.50 points on the means; the " \
+           "ranges overlap" in text, text
+    assert "| iid | FedAvgM (momentum 0.3, server lr 1) | 78.00 | 78.50 | diverged | 78.25 (78.00–78.50) of the " \
+           "seeds that trained |" in text, text
+    assert "- iid: FedAvgM (momentum 0.3, server lr 1) against FedAvg, +2.75 points on the means; the ranges do " \
+           "not overlap" in text, text
 
 
 def test_committed_table_is_rendered_from_the_records(tmp_path):

@@ -2,28 +2,23 @@
 
     python -m pytest -q -m slow tests/test_fingerprints.py
 
-Each record of results/reference/runs/ stores the fingerprint bench/reference.py computed when it
-made the record: a few steps of its script, with its flags, on synthetic data. Recomputed here,
-it must agree; if it does not, HEAD computes something else, and the test names the records to rerun.
+Each script record of results/reference/runs/ and results/reference/notebook/ stores the fingerprint
+that bench/reference.py computed when it made the record: a few steps of its script, with its flags,
+on synthetic data. Recomputed here, it must agree; if it does not, HEAD computes something else, and
+the test names the records to rerun.
 """
 import glob
-import importlib.util
 import os
 
 import pytest
 
-from mpi import ROOT
+from mpi import ROOT, bench_module
 
-RUNS = sorted(glob.glob(os.path.join(ROOT, "results", "reference", "runs", "*.json")))
-
-
-def bench_module(name):
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+REFERENCE = os.path.join(ROOT, "results", "reference")
+SCRIPTS = ("cent_sgd", "dist_sgd_serverless", "dist_sgd_param_server", "fed_avg_iid", "fed_avg_non-iid")
+# the seed runs, and the records the notebook's scripts wrote (the bench's and notebook.json are no script's)
+RUNS = sorted(glob.glob(os.path.join(REFERENCE, "runs", "*.json"))) + [
+    p for p in (os.path.join(REFERENCE, "notebook", f"{name}.json") for name in SCRIPTS) if os.path.exists(p)]
 
 
 def test_flags_added_later_replay_as_before_them():

@@ -2,6 +2,7 @@
 each role is a function of one screen; what goes beyond the assignment lives in extensions/."""
 import ast
 import os
+import re
 
 import pytest
 
@@ -69,3 +70,45 @@ def test_no_check_is_an_assert_that_python_O_would_strip(path):
         tree = ast.parse(f.read())
     asserts = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
     assert not asserts, f"{path}: assert on lines {asserts}"
+
+
+# ----------------------------------------------------------------------------- the documents
+
+def markdown_pages():
+    docs = os.path.join(ROOT, "docs")
+    return ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(docs) if f.endswith(".md"))
+
+
+def test_the_readme_reads_in_one_sitting():
+    """At most 250 lines, and the Q6 table within the first 150: the rest lives in docs/."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move a topic to docs/"
+    q6 = next(i for i, line in enumerate(lines, 1) if line.startswith("| paradigm | each non-server rank sends"))
+    assert q6 <= 150, f"README.md: the Q6 table starts on line {q6}"
+
+
+def anchor(heading):
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", markdown_pages())
+def test_every_relative_link_reaches_a_file_and_heading(page):
+    with open(os.path.join(ROOT, page)) as f:
+        text = f.read()
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, fragment = target.partition("#")
+        full = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
+        if not os.path.exists(full):
+            broken.append(target)
+        elif fragment and full.endswith(".md"):
+            with open(full) as f:
+                headings = {anchor(line.lstrip("#")) for line in f if line.startswith("#")}
+            if fragment not in headings:
+                broken.append(target)
+    assert not broken, f"{page}: links that reach nothing: {broken}"

@@ -2,10 +2,10 @@
 
     pytest -q tests/test_records.py
 
-The records are the reference run's JSON in results/reference/ (a full run of HW5.ipynb, then
-`python bench/run.py`); `python bench/report.py` writes the numbers from them. Fast: nothing runs.
+The records are the reference run's JSON in results/reference/ (`python bench/reference.py`: the
+seed runs, the bench and a full run of HW5.ipynb); `python bench/report.py` writes the numbers from
+them. Fast: nothing runs.
 """
-import importlib.util
 import json
 import os
 import re
@@ -13,27 +13,21 @@ import re
 import nbformat
 import pytest
 
-from mpi import ROOT
+from mpi import ROOT, bench_module
 
 RECORDS = os.path.join(ROOT, "results", "reference")
-
-
-def bench_module(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 report = bench_module("report")
 
 
-def record(name):
-    with open(os.path.join(RECORDS, f"{name}.json")) as f:
+def record(name):  # a record of the notebook's run
+    with open(os.path.join(RECORDS, "notebook", f"{name}.json")) as f:
         return json.load(f)
 
 
-@pytest.mark.parametrize("path", [report.README, report.NOTEBOOK], ids=["README.md", "HW5.ipynb"])
+@pytest.mark.parametrize("path", [*report.markdown_pages(), report.NOTEBOOK],
+                         ids=[os.path.relpath(p, ROOT) for p in [*report.markdown_pages(), report.NOTEBOOK]])
 def test_generated_numbers_equal_the_records(path):
     current, text = report.generated(RECORDS)[path]
     assert current == text, f"{os.path.basename(path)} differs from the records: run `python bench/report.py`"

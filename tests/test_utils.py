@@ -2,7 +2,6 @@
 evaluation, output paths, checkpoints."""
 import argparse
 import pickle
-import random
 
 import numpy as np
 import pytest
