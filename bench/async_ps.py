@@ -337,6 +337,16 @@ def render(record, out, md_path, fig_path):
                 lines.append(f"| {i + 1}{label} | " + " | ".join(cells) + " |")
             if n > 1:
                 longer_gap = epochs_, acc[LONGER[0]] - max(acc[m] for m in others)
+        if seeded:  # each seed's end, and which leads exceed the seeds' spread (the ranges do not overlap)
+            ends = {m: [h[-1]["test_acc"] for h in by_mode[m]] for m in [LONGER[0], *others]}
+            lo, hi = {m: min(a) for m, a in ends.items()}, {m: max(a) for m, a in ends.items()}
+            lines += ["", f"After epoch {epochs_}, each seed (0, {', '.join(map(str, SEEDS))}): "
+                      + "; ".join(f"{m} " + ", ".join(f"{a:.2f}%" for a in ends[m]) + f" (range {lo[m]:.2f}–{hi[m]:.2f})"
+                                  for m in ends) + ". "
+                      + " ".join(f"Sync's lead over {m}, {sum(ends[LONGER[0]]) / len(ends[m]) - sum(ends[m]) / len(ends[m]):+.2f} "
+                                 "points on the means, " + ("exceeds the seeds' spread (the ranges do not overlap)."
+                                 if lo[LONGER[0]] > hi[m] or hi[LONGER[0]] < lo[m] else "is within the seeds' spread "
+                                 "(the ranges overlap).") for m in others)]
         for rerun in sorted(glob.glob(os.path.join(out, "longer", "rerun", f"*_{epochs_}ep.json"))):
             with open(rerun) as f:
                 again = json.load(f)
