@@ -318,6 +318,9 @@ def records(folder):
     fed = os.path.join(folder, "fed")  # bench/fed_sweep.py's records: <split>_<label>.json
     r["fed"] = {name[:-len(".json")]: load(os.path.join(fed, name))
                 for name in sorted(os.listdir(fed)) if name.endswith(".json")} if os.path.isdir(fed) else {}
+    seeds = os.path.join(fed, "seeds")  # bench/fed_sweep.py --seeds: <split>_<label>_seed<k>.json
+    r["fed_seeds"] = {name[:-len(".json")]: load(os.path.join(seeds, name))
+                      for name in sorted(os.listdir(seeds)) if name.endswith(".json")} if os.path.isdir(seeds) else {}
     return r
 
 
@@ -490,7 +493,7 @@ def readme_fragments(R):
     b, iid, non = R["bench"], R["fed_avg_iid"], R["fed_avg_non-iid"]
     F["q7-table"] = "\n".join(q7_table(b["ar"]) + ["", q7_note(b)])
     F["noniid"] = noniid_paragraph(iid, non) + seed_gap(R["runs"], "[the reference runs](#the-reference-runs)")
-    F["drift"] = drift_paragraph(R["fed"])
+    F["drift"] = drift_paragraph(R["fed"]) + fed_spread(R["fed"], R["fed_seeds"])
     F["reference-runs"] = seeds_table(R["runs"]) if R["runs"] else "No run of `python bench/reference.py` yet."
     return {name: text if "\n" not in text and name.endswith("-wall") else wrap(text) for name, text in F.items()}
 
@@ -771,6 +774,35 @@ def remedies(fed, iid, non):
                  + ", ".join(f"{pct(twice[split]['final_test_acc'])} {where.get(split, 'on ' + split.split(', ')[-1])}"
                              for split in splits if split in twice) + ".")
     return text
+
+
+def fed_spread(fed, seeds):
+    """FedAvg and each split's best variant over the seeds (bench/fed_sweep.py --seeds), as a sentence:
+    the mean and range of each, and whether the two ranges of a split overlap."""
+    groups = {}  # <split>_<label>: {seed: record}, seed 0 being the sweep's own run
+    for name, r in seeds.items():
+        base, seed = name.rsplit("_seed", 1)
+        groups.setdefault(base, {0: fed[base]})[int(seed)] = r
+    if not groups:
+        return ""
+    by_split, iid = {}, fed.get("iid_fedavg", {}).get("split")
+    for base, by_seed in groups.items():
+        accs = [r["final_test_acc"] for r in by_seed.values() if r.get("final_test_acc") is not None]
+        diverged = len(by_seed) - len(accs)
+        text = (f"{algorithm_name(fed[base]['config'])} {sum(accs) / len(accs):.2f}% ({min(accs):.2f}–"
+                f"{max(accs):.2f}" + (f"; {plural(diverged, 'seed')} diverged" if diverged else "") + ")")
+        by_split.setdefault(fed[base]["split"], []).append((fed[base]["config"]["algorithm"] == "fedavg", text,
+                                                            min(accs), max(accs)))
+    out = []
+    for split, rows in by_split.items():
+        where = "iid" if split == iid else "on " + split.split(", ")[-1]
+        rows.sort(key=lambda row: not row[0])  # FedAvg first
+        overlap = len(rows) == 2 and rows[0][2] <= rows[1][3] and rows[1][2] <= rows[0][3]
+        out.append(f"{where}, " + " against ".join(row[1] for row in rows)
+                   + (" (the ranges overlap)" if overlap else " (the ranges do not overlap)" if len(rows) == 2 else ""))
+    n = max(len(by_seed) for by_seed in groups.values())
+    return (f" Over {n} seeds (`python bench/fed_sweep.py --seeds`, the table in [`bench/FED.md`](../bench/FED.md)): "
+            + "; ".join(out) + ".")
 
 
 # ----------------------------------------------------------------------------- HW5.ipynb
