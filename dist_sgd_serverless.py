@@ -3,10 +3,9 @@
     mpirun -n 4 python dist_sgd_serverless.py                    # MPI_Allreduce
     mpirun -n 4 python dist_sgd_serverless.py --allreduce ring   # hand-written ring (Q7)
     mpirun -n 4 python dist_sgd_serverless.py --dataset synthetic
-    mpirun -n 4 python dist_sgd_serverless.py --compress powersgd   # fewer bytes: fp16, topk, powersgd
+    mpirun -n 4 python dist_sgd_serverless.py --compress powersgd
+                                                         # fewer bytes: fp16, topk, powersgd
     mpirun -n 4 python dist_sgd_serverless.py --checkpoint ckpt.pt --resume   # rerun after a crash
-    mpirun --with-ft ulfm --mca pml ob1 --mca btl tcp,self -n 4 python dist_sgd_serverless.py --elastic
-                                                         # go on without a rank that dies
     (as root or in Colab, add: --allow-run-as-root --oversubscribe)
 
 Every rank holds a full replica of the model. Each step, rank r of N computes gradients on
@@ -16,18 +15,19 @@ so the replicas stay identical. Without BatchNorm this is exactly centralized SG
 batch N x --batch-size (tests check it). The default lr is cent_sgd.py's, scaled by the
 square root of the batch growth (utils.scaled_lr).
 """
-import itertools
-import math
+import argparse
+import contextlib
+import dataclasses
 import time
+import typing
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+import extensions
 import utils
 from extensions import compression
-from extensions import elastic
-from extensions import stragglers
 
 
 # ----- communication: one function per pattern -----
@@ -142,43 +142,69 @@ def average_gradients_(flat_grads, comm, allreduce_, device_ok=False):
     return moved
 
 
-# --compress: the assignment's average (none), or a compressed one (extensions/compression.py);
-# each entry builds the averaging function from the model and the flags, as compressors keep state
-COMPRESS = {"none": lambda model, args: average_gradients_, **compression.METHODS}
-
-
 # ----- training -----
 
-def train_epoch(model, optimizer, flat_grads, train, epoch, total_steps, global_batch, args, traffic, *,
-                step, comm, average_=average_gradients_):
-    """The rest of an epoch from global step `step` (its start, unless --elastic redoes one).
-    Each step: the gradient of this rank's strided share of the global batch (N x --batch-size),
-    the all-reduce (by `average_`, from COMPRESS), and the same SGD step on every rank.
-    Returns (step, mean loss, seconds this rank spent inside the all-reduce at each step)."""
-    rank, world_size = comm.Get_rank(), comm.Get_size()
-    x_train, y_train = train
+@dataclasses.dataclass
+class Replica:
+    """This rank's copy of what trains. The model's parameters and gradients are views of the two
+    flat buffers, so that one call moves them all; `traffic` counts the bytes this rank moved."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    flat_params: torch.Tensor
+    flat_grads: torch.Tensor
+    traffic: utils.Traffic
+
+
+@dataclasses.dataclass
+class Plan:
+    """What every epoch follows: the flags, the run's steps in all, one step's samples
+    over all ranks."""
+    args: argparse.Namespace
+    total_steps: int
+    global_batch: int
+
+
+def train_epoch(replica, train, plan, parts, epoch, step):
+    """Epoch `epoch`, from global step `step` (its first, unless a resumed run or --elastic starts
+    later). Each step: the gradient of this rank's strided share of the global batch (N x
+    --batch-size), its average over the ranks (parts.average_), and the same SGD step on every
+    rank. Returns {"step": the next step, "loss": the mean loss, "in_call": the seconds this rank
+    spent in the average at each step}."""
+    args, comm, (x_train, y_train) = plan.args, parts.comm, train
     allreduce_ = ALLREDUCE[args.allreduce]
     device_ok = args.allreduce == "mpi" and utils.mpi_is_cuda_aware(x_train.device)
     order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
-    order, flips = order.to(x_train.device), flips.to(x_train.device)
-    straggle = stragglers.slowdown(args, rank, x_train.device)  # --straggler: a no-op unless this rank is slowed
+    taken = step - epoch * (len(x_train) // plan.global_batch)  # steps of this epoch already taken
+    shares = utils.batches(order.to(x_train.device), flips.to(x_train.device), plan.global_batch,
+                           comm.Get_rank(), comm.Get_size(), start=taken)
     loss_sum, in_call = torch.zeros((), device=x_train.device), []
-    shares = utils.batches(order, flips, global_batch, rank, world_size)
-    done_this_epoch = step - epoch * (len(x_train) // global_batch)
-    for idx, flip in itertools.islice(shares, done_this_epoch, None):
-        if step == total_steps:
+    for idx, flip in shares:
+        if step == plan.total_steps:
             break
-        utils.set_lr(optimizer, utils.lr_at(step, total_steps, args.lr, args.warmup))
-        flat_grads.zero_()
-        with straggle():
-            loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip)
+        utils.set_lr(replica.optimizer, utils.lr_at(step, plan.total_steps, args.lr, args.warmup))
+        replica.flat_grads.zero_()
+        with parts.straggle():
+            loss_sum += utils.train_step(replica.model, x_train[idx], y_train[idx], flip)
         t0 = time.perf_counter()
-        traffic.add(average_(flat_grads, comm, allreduce_, device_ok))
+        replica.traffic.add(parts.average_(replica.flat_grads, comm, allreduce_, device_ok))
         in_call.append(time.perf_counter() - t0)
-        utils.clip_gradients_(optimizer, args.clip_norm)  # the global batch's gradient, as cent_sgd.py clips
-        optimizer.step()
+        # the global batch's, as cent_sgd.py clips
+        utils.clip_gradients_(replica.optimizer, args.clip_norm)
+        replica.optimizer.step()
         step += 1
-    return step, loss_sum.item() / max(1, len(in_call)), np.array(in_call)
+    return {"step": step, "loss": loss_sum.item() / max(1, len(in_call)),
+            "in_call": np.array(in_call)}
+
+
+@dataclasses.dataclass
+class Parts:
+    """The parts of training that a feature beyond the assignment may replace, each by one flag
+    (extensions.configure, once, before the loop); the defaults are the assignment's own."""
+    comm: MPI.Comm                                   # --elastic: the survivors' communicator
+    # --compress: a compressed average; --elastic: weighted
+    average_: typing.Callable = average_gradients_
+    straggle: typing.Callable = contextlib.nullcontext   # --straggler: around one rank's compute
+    train_epoch: typing.Callable = train_epoch       # --elastic: redoes a step without a lost rank
 
 
 def split_comm_and_wait(in_call, comm):
@@ -216,29 +242,64 @@ def parse_args(world_size):
                               batch_size=utils.BASE_BATCH, lr=None,
                               batch_help="samples per rank per step; the global batch is N x this")
     parser.add_argument("--allreduce", choices=tuple(ALLREDUCE), default="mpi",
-                        help="mpi: MPI_Allreduce; ring, tree: written here from point-to-point calls")
-    parser.add_argument("--compress", choices=tuple(COMPRESS), default="none",
-                        help="gradient compression (extensions/compression.py); none: the float32 gradient")
-    parser.add_argument("--topk-ratio", type=utils.positive(float), default=0.01,
-                        help="topk: the fraction of gradient entries each rank sends")
-    parser.add_argument("--powersgd-rank", type=utils.positive(int), default=2,
-                        help="powersgd: the rank of each gradient matrix's approximation")
-    stragglers.add_flags(parser)
-    elastic.add_flags(parser)
+                        help="mpi: MPI_Allreduce; ring, tree: written here from "
+                             "point-to-point calls")
+    extensions.add_flags(parser, "dist_sgd_serverless")
     args = parser.parse_args()
     utils.check_args(args)
-    stragglers.check(args, world_size)
-    elastic.check(args)
-    if args.topk_ratio > 1:
-        utils.fail(f"--topk-ratio must be in (0, 1], got {args.topk_ratio}")
+    extensions.check(args, world_size, "dist_sgd_serverless")
     args.lr = args.lr or utils.scaled_lr(world_size * args.batch_size)
     return args
+
+
+def end_epoch(out, model, test, comm, args, t0):
+    """After an epoch's steps: split the time in the average into the call and the wait, evaluate,
+    print the epoch's line; stop every rank if training diverged. Returns the epoch's record."""
+    train_time = time.perf_counter() - t0
+    comm_time, wait_time = split_comm_and_wait(out["in_call"], comm)
+    train_loss = comm.allreduce(out["loss"]) / comm.Get_size()
+    test_loss, test_acc = evaluate(model, test, comm)
+    h = dict(epoch=out["epoch"] + 1, steps=out["step"], train_loss=train_loss, test_loss=test_loss,
+             test_acc=test_acc, train_time=train_time, comm_time=comm_time, wait_time=wait_time,
+             step_time=train_time / max(1, len(out["in_call"])),
+             epoch_time=time.perf_counter() - t0)
+    utils.print0(f"epoch {h['epoch']:3d}/{args.epochs} | train loss {h['train_loss']:.4f} | "
+                 f"test acc {h['test_acc']:6.2f}% | {h['epoch_time']:6.1f} s | "
+                 f"wait {wait_time:5.2f} s | comm {comm_time:5.2f} s", comm=comm)
+    utils.stop_if_diverged(train_loss, comm)
+    return h
+
+
+def report(replica, plan, parts, progress, t_start):
+    """Check the replicas, gather every rank's bytes, and on rank 0 print and save the results."""
+    args, comm = plan.args, parts.comm
+    check_replicas(replica.flat_params, comm)
+    counted = args.allreduce != "mpi"  # null in the JSON: the library chose its own algorithm
+    per_rank_bytes = comm.gather({"bytes_sent": replica.traffic.sent if counted else None,
+                                  "bytes_recv": replica.traffic.received if counted else None},
+                                 root=0)
+    if comm.Get_rank() != 0:
+        return
+    history, train_time = progress["history"], sum(h["train_time"] for h in progress["history"])
+    print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
+    utils.save_results(args.results, dict(
+        script="dist_sgd_serverless", config=vars(args), world_size=MPI.COMM_WORLD.Get_size(),
+        global_batch=plan.global_batch, threads=torch.get_num_threads(),
+        device=str(replica.flat_params.device), params=utils.num_params(replica.model),
+        steps=progress["step"], wall_time=time.perf_counter() - t_start,
+        final_test_acc=history[-1]["test_acc"], history=history, bytes_per_rank=per_rank_bytes,
+        comm_fraction=sum(h["comm_time"] for h in history) / train_time,
+        wait_fraction=sum(h["wait_time"] for h in history) / train_time,
+        compression=compression.record(parts.average_, replica.flat_grads, per_rank_bytes,
+                                       progress["step"]),
+        **({"failures": comm.failures} if args.elastic else {})))
+    if args.save_model:
+        utils.save_model(args.save_model, replica.model)
 
 
 def main():
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
-    is_root = rank == 0
     utils.abort_on_exception(comm)
     args = parse_args(world_size)
     device, threads = utils.setup(args, comm)
@@ -246,75 +307,46 @@ def main():
 
     # data: every rank holds the whole set and takes its strided share of each global batch
     train, test = utils.load_data(args, device, comm)
-    total_steps = utils.count_steps(len(train[0]), global_batch, args)
+    plan = Plan(args, utils.count_steps(len(train[0]), global_batch, args), global_batch)
 
     # model: parameters and gradients live in two flat buffers, so one call moves them all
     model = utils.make_model(device, args.seed)
     flat_params, flat_grads = utils.flatten_parameters(model)
     optimizer = utils.make_optimizer(model.parameters(), args)
-    average_ = COMPRESS[args.compress](model, args)
-    compressed = "" if args.compress == "none" else f", compress={args.compress}"  # default: today's line
-    utils.print0(f"dist_sgd_serverless | {world_size} ranks, allreduce={args.allreduce}{compressed} | "
+    # default: today's line
+    compressed = "" if args.compress == "none" else f", compress={args.compress}"
+    utils.print0(f"dist_sgd_serverless | {world_size} ranks, "
+                 f"allreduce={args.allreduce}{compressed} | "
                  f"{args.dataset}: {len(train[0])} train | {utils.num_params(model):,} params | "
                  f"batch {world_size} x {args.batch_size} = {global_batch} | lr {args.lr:.4g} | "
-                 f"{total_steps} steps | {device} x {threads} threads per rank")
+                 f"{plan.total_steps} steps | {device} x {threads} threads per rank")
 
     # resume: every rank reads the checkpoint; then all start from rank 0's weights
     progress = utils.load_checkpoint(args, world_size, model, optimizer, dict(
         epoch=0, step=0, history=[], wall_time=0.0, traffic=[[0, 0]] * world_size))
-    traffic = utils.Traffic(*progress["traffic"][rank])
+    replica = Replica(model, optimizer, flat_params, flat_grads,
+                      utils.Traffic(*progress["traffic"][rank]))
     broadcast_parameters_(flat_params, comm)
+    # what --compress, --straggler and --elastic replace (extensions/): nothing, at the defaults
+    parts = extensions.configure(args, "dist_sgd_serverless", Parts(comm), replica, plan)
 
-    # train; with --elastic the survivors of a lost rank redo its step without it (extensions/elastic.py)
-    comm, train_epoch_, failures = (elastic.survive(comm, train_epoch, model, optimizer, flat_params, global_batch)
-                                    if args.elastic else (comm, train_epoch, None))
+    # train
     t_start = time.perf_counter() - progress["wall_time"]
     for epoch in range(progress["epoch"], args.epochs):
-        if progress["step"] == total_steps:
+        if progress["step"] == plan.total_steps:
             break
         t0 = time.perf_counter()
-        step, train_loss, in_call = train_epoch_(model, optimizer, flat_grads, train, epoch, total_steps, global_batch,
-                                                 args, traffic, step=progress["step"], comm=comm, average_=average_)
-        is_root = comm.Get_rank() == 0  # --elastic: rank 0 of the survivors
+        out = parts.train_epoch(replica, train, plan, parts, epoch, progress["step"])
         utils.sync(device)
-        train_time = time.perf_counter() - t0
-        comm_time, wait_time = split_comm_and_wait(in_call, comm)
-        train_loss = comm.allreduce(train_loss) / comm.Get_size()
-        test_loss, test_acc = evaluate(model, test, comm)
-        h = dict(epoch=epoch + 1, steps=step, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc,
-                 train_time=train_time, comm_time=comm_time, wait_time=wait_time,
-                 step_time=train_time / max(1, len(in_call)), epoch_time=time.perf_counter() - t0)
-        utils.print0(f"epoch {h['epoch']:3d}/{args.epochs} | train loss {h['train_loss']:.4f} | "
-                     f"test acc {h['test_acc']:6.2f}% | {h['epoch_time']:6.1f} s | "
-                     f"wait {wait_time:5.2f} s | comm {comm_time:5.2f} s")
-        if not math.isfinite(train_loss):
-            utils.fail(f"training diverged (train loss {train_loss}); lower --lr", code=1)
-        progress.update(epoch=epoch + 1, step=step, history=progress["history"] + [h],
+        h = end_epoch(dict(out, epoch=epoch), model, test, parts.comm, args, t0)
+        progress.update(epoch=epoch + 1, step=out["step"], history=progress["history"] + [h],
                         wall_time=time.perf_counter() - t_start,
-                        traffic=comm.allgather([traffic.sent, traffic.received]))
-        if args.checkpoint and is_root:  # the replicas are identical: rank 0's state is everyone's
+                        traffic=parts.comm.allgather([replica.traffic.sent,
+                                                      replica.traffic.received]))
+        # identical replicas: rank 0's state is everyone's
+        if args.checkpoint and parts.comm.Get_rank() == 0:
             utils.save_checkpoint(args, world_size, model, optimizer, progress)
-
-    # report
-    check_replicas(flat_params, comm)
-    counted = args.allreduce != "mpi"  # null in the JSON: the library chose its own algorithm
-    per_rank_bytes = comm.gather({"bytes_sent": traffic.sent if counted else None,
-                                  "bytes_recv": traffic.received if counted else None}, root=0)
-    if is_root:
-        history = progress["history"]
-        print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
-        train_time = sum(h["train_time"] for h in history)
-        utils.save_results(args.results, dict(
-            script="dist_sgd_serverless", config=vars(args), world_size=world_size,
-            global_batch=global_batch, threads=threads, device=str(device),
-            params=utils.num_params(model), steps=progress["step"], wall_time=time.perf_counter() - t_start,
-            final_test_acc=history[-1]["test_acc"], history=history, bytes_per_rank=per_rank_bytes,
-            comm_fraction=sum(h["comm_time"] for h in history) / train_time,
-            wait_fraction=sum(h["wait_time"] for h in history) / train_time,
-            compression=compression.record(average_, flat_grads, per_rank_bytes, progress["step"]),
-            **({"failures": failures} if args.elastic else {})))
-        if args.save_model:
-            utils.save_model(args.save_model, model)
+    report(replica, plan, parts, progress, t_start)
 
 
 if __name__ == "__main__":

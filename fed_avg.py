@@ -6,7 +6,8 @@
     mpirun -n 5 python fed_avg.py --num-clients 20 --client-fraction 0.25   # 5 of 20 per round
     mpirun -n 3 python fed_avg.py --dataset synthetic --rounds 2 --max-steps 5   # a quick look
     mpirun -n 5 python fed_avg.py --checkpoint ckpt.pt --resume        # rerun after a crash
-    mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm scaffold --measure-drift   # beyond
+    mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm scaffold --measure-drift
+                                                                       # beyond
     (as root or in Colab, add: --allow-run-as-root --oversubscribe)
 
 Rank 0 is the server and holds the global model; ranks 1..N-1 host the clients, each of
@@ -27,8 +28,9 @@ FedAvg counts --rounds and --local-epochs (E in the paper), so this script has n
 --max-steps S caps each client's SGD steps per round. With S = 1 and --momentum 0 each
 round is one data-parallel SGD step whose gradient weights client k by n_k (FedSGD), which
 tests check; exactly so while no client's gradient is longer than --clip-norm, since each
-client clips its own. The lr follows a one-cycle schedule over each client's local steps of the run.
-Results go to results/fed_avg_<split>.json, the split's plot to figures/data_distribution_<split>.png.
+client clips its own. The lr follows a one-cycle schedule over each client's local steps of
+the run. Results go to results/fed_avg_<split>.json, the split's plot to
+figures/data_distribution_<split>.png.
 
 Beyond the assignment, through one hook each: --algorithm fedprox|fedavgm|scaffold|fedrs|fedlc
 picks a variant from extensions/fed_algorithms.py, which may amend the client's loss and step,
@@ -38,16 +40,19 @@ send more beside the weights, and set the new global weights otherwise than the 
 the others (extensions/elastic.py).
 With the defaults (fedavg, no drift) the script computes what it computed without them, bit for bit.
 """
+import argparse
+import dataclasses
 import itertools
 import os
 import time
+import typing
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+import extensions
 import utils
-from extensions import drift, elastic, fed_algorithms
 
 SERVER = 0
 TABLE = 1  # the tag of the round statistics; the weights go with tag 0
@@ -79,14 +84,16 @@ def split_indices(labels, num_clients, method, seed, alpha=None):
     if method not in SPLIT_METHODS:
         raise ValueError(f"unknown split method {method!r}; choose from {', '.join(SPLIT_METHODS)}")
     if alpha is not None and method != "non-iid":
-        raise ValueError(f"alpha (a Dirichlet split) applies only to the non-iid split, not {method}")
+        raise ValueError("alpha (a Dirichlet split) applies only to the non-iid split, "
+                         f"not {method}")
     if alpha is not None and not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     y = torch.as_tensor(labels).cpu().numpy()
     needed = 2 * num_clients if method == "non-iid" and alpha is None else num_clients
     if not 1 <= needed <= len(y):
         raise ValueError(f"cannot split {len(y)} samples into {needed} non-empty "
-                         f"{'shards' if needed > num_clients else 'parts'} for {num_clients} clients")
+                         f"{'shards' if needed > num_clients else 'parts'} for "
+                         f"{num_clients} clients")
     rng = np.random.default_rng(seed)
 
     if method == "iid":
@@ -96,7 +103,8 @@ def split_indices(labels, num_clients, method, seed, alpha=None):
         order = order[np.argsort(y[order], kind="stable")]  # sorted by label, random within a label
         shards = np.array_split(order, 2 * num_clients)
         deal = rng.permutation(2 * num_clients)
-        parts = [np.concatenate([shards[deal[2 * i]], shards[deal[2 * i + 1]]]) for i in range(num_clients)]
+        parts = [np.concatenate([shards[deal[2 * i]], shards[deal[2 * i + 1]]])
+                 for i in range(num_clients)]
     else:
         pieces = [[] for _ in range(num_clients)]
         for c in np.unique(y):
@@ -123,7 +131,8 @@ def plot_split(labels, parts, title, path):
     from matplotlib.figure import Figure
 
     labels = torch.as_tensor(labels).cpu()
-    counts = torch.stack([torch.bincount(labels[p.cpu()], minlength=len(utils.CLASSES)) for p in parts]).numpy()
+    counts = torch.stack([torch.bincount(labels[p.cpu()], minlength=len(utils.CLASSES))
+                          for p in parts]).numpy()
     clients = np.arange(len(parts))
     fig = Figure(figsize=(min(16, 4 + 0.4 * len(parts)), 4.5))
     ax = fig.subplots()
@@ -197,14 +206,64 @@ def reduce_weighted_sums_(buf, comm, workers):
         parts = np.empty((len(workers), len(buf)), dtype=buf.dtype)
         wait_quietly([comm.Irecv(parts[i], source=w) for i, w in enumerate(workers)])
         np.sum(parts, axis=0, out=buf)  # in rank order, so the result is reproducible
-        return {"bytes_sent": 0, "bytes_recv": parts.nbytes, "parts": parts}  # parts: for --measure-drift
+        # parts: for --measure-drift
+        return {"bytes_sent": 0, "bytes_recv": parts.nbytes, "parts": parts}
     wait_quietly([comm.Isend(buf, dest=SERVER)])
     return {"bytes_sent": buf.nbytes, "bytes_recv": 0}
 
 
 # ----- the two roles: Algorithm 1 of McMahan et al. 2017 -----
-# --algorithm: FedAvg's own hooks, or a variant's from extensions/fed_algorithms.py
-ALGORITHMS = {"fedavg": fed_algorithms.FedAvg, **fed_algorithms.VARIANTS}
+
+@dataclasses.dataclass
+class Replica:
+    """This rank's copy of what trains: the model, whose parameters are views of one flat buffer,
+    the buffer of [sum n_k w_k, sum n_k] that goes up, and the bytes this rank moved."""
+    model: torch.nn.Module
+    flat_params: torch.Tensor
+    sums: torch.Tensor
+    traffic: utils.Traffic
+
+
+@dataclasses.dataclass
+class Federation:
+    """Who holds what: the flags, each client's shard of the training set (indices), and the rank
+    each client runs on (host[k]; --elastic moves the clients of a lost rank)."""
+    args: argparse.Namespace
+    shards: list
+    host: list
+
+
+class FedAvg:
+    """McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized
+    Data": the hooks of a round, as the assignment computes them. The new global weights are the
+    average; nothing else travels or persists. A variant (--algorithm, extensions/fed_algorithms.py)
+    replaces some of them."""
+
+    def __init__(self, args, flat_params, flat_grads, sizes):
+        self.args, self.params, self.grads, self.sizes = args, flat_params, flat_grads, sizes
+        self.downloads, self.uploads = [], []  # what travels beside the weights: nothing
+
+    def local_loss(self, k, labels):  # client k's loss: the cross-entropy
+        return torch.nn.functional.cross_entropy
+
+    def local_step(self, k, global_weights):  # how client k takes a step: the optimizer's
+        return plain_step
+
+    def client_done_(self, k, n_k, global_weights):
+        pass
+
+    def server_update_(self, flat_params, average):  # the new global weights: the average
+        flat_params.copy_(average)
+
+    def state(self, comm, clients, host):  # what a checkpoint keeps: nothing
+        return {}
+
+    def load_state_(self, state):
+        pass
+
+
+def plain_step(optimizer, lr):
+    optimizer.step()
 
 
 def local_steps(shard_size, args):
@@ -213,52 +272,58 @@ def local_steps(shard_size, args):
     return min(steps, args.max_steps or steps)
 
 
-def client_update(model, train, shard, client, round_, args, step_=fed_algorithms.plain_step,
-                  loss_fn=torch.nn.functional.cross_entropy):
+def client_update(model, train, fed, k, round_, local):
     """ClientUpdate(k, w): train `model`, which holds the global weights w, for --local-epochs
     passes over client k's shard. The optimizer is new each round: momentum does not carry
-    over from a model the server has since replaced. `step_(optimizer, lr)` takes each step:
-    optimizer.step(), which FedProx and SCAFFOLD amend; FedRS and FedLC amend `loss_fn`, the
-    cross-entropy (--algorithm). Returns (summed loss, steps)."""
-    x_train, y_train = train
+    over from a model the server has since replaced. `local` is the algorithm's (step, loss)
+    for client k: plain_step and the cross-entropy, which FedProx and SCAFFOLD amend the first
+    of and FedRS and FedLC the second (--algorithm). Returns (summed loss, steps)."""
+    (x_train, y_train), args, shard = train, fed.args, fed.shards[k]
+    step_, loss_fn = local
     optimizer = utils.make_optimizer(model.parameters(), args)
     steps = local_steps(len(shard), args)
-    batches = client_batches(shard, args.batch_size, args.local_epochs, utils.stream_seed(args.seed, round_, client))
+    batches = client_batches(shard, args.batch_size, args.local_epochs,
+                             utils.stream_seed(args.seed, round_, k))
     loss_sum = torch.zeros((), device=x_train.device)
     for s, (idx, flip) in enumerate(itertools.islice(batches, steps)):
         lr = utils.lr_at(round_ * steps + s, args.rounds * steps, args.lr, args.warmup)
         utils.set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=False)  # keep .grad as views into the flat buffer
         loss_sum += utils.train_step(model, x_train[idx], y_train[idx], flip, loss_fn)
-        utils.clip_gradients_(optimizer, args.clip_norm)  # the loss's gradient, before a variant amends it
+        # the loss's gradient, before a variant amends it
+        utils.clip_gradients_(optimizer, args.clip_norm)
         step_(optimizer, lr)
     return loss_sum.item(), steps
 
 
-def server_round(flat_params, sums, workers, comm, traffic, algo):
+def server_round(replica, parts, workers):
     """Server executes, one round: send the global weights w to the ranks of the round's
     clients, wait while they train, add up what they return, and set w = sum n_k w_k / sum n_k.
-    `algo` (--algorithm) may send and receive more beside them, and may set w otherwise.
+    The algorithm may send and receive more beside them, and may set w otherwise.
     Returns the seconds spent sending, and each client rank's [sum n_k w_k, sum n_k]."""
+    comm, traffic, algo, sums = parts.comm, replica.traffic, parts.algorithm, replica.sums
     t0 = time.perf_counter()
-    for t in [flat_params, *algo.downloads]:  # SCAFFOLD also sends its control variate
+    for t in [replica.flat_params, *algo.downloads]:  # SCAFFOLD also sends its control variate
         with utils.staged(t, write=False) as buf:
             traffic.add(send_global_model_(buf, comm, workers))
     send_time = time.perf_counter() - t0
     with utils.staged(sums, read=False) as buf:  # the server adds the parts up with numpy
-        parts = traffic.add(reduce_weighted_sums_(buf, comm, workers))["parts"]
+        uploads = traffic.add(reduce_weighted_sums_(buf, comm, workers))["parts"]
     for t in algo.uploads:  # SCAFFOLD: sum n_k (c_k+ - c_k)
         with utils.staged(t, read=False) as buf:
             traffic.add(reduce_weighted_sums_(buf, comm, workers))
-    algo.server_update_(flat_params, sums[:-1] / sums[-1])  # the FedAvg step (FedAvg: w = the average)
-    return send_time, parts
+    # the FedAvg step (FedAvg: w = the average)
+    algo.server_update_(replica.flat_params, sums[:-1] / sums[-1])
+    return send_time, uploads
 
 
-def client_round(model, flat_params, sums, train, shards, clients, round_, args, comm, traffic, algo):
-    """On a client rank: receive the global weights, run client_update for each of this
-    round's `clients` hosted here (each from the global weights), and send back
-    [sum n_k w_k, sum n_k] over them (and what `algo` adds in each direction).
+def client_round(replica, train, fed, parts, clients, round_):
+    """On a client rank: receive the global weights, run client_update for each of this round's
+    `clients` hosted here (each from the global weights), and send back [sum n_k w_k, sum n_k]
+    over them (and what the algorithm adds in each direction).
     Returns (summed loss, steps, training and upload seconds)."""
+    comm, traffic, algo, sums, flat_params = parts.comm, replica.traffic, parts.algorithm, \
+        replica.sums, replica.flat_params
     for t in [flat_params, *algo.downloads]:
         with utils.staged(t, read=False) as buf:
             traffic.add(send_global_model_(buf, comm, None))
@@ -269,11 +334,11 @@ def client_round(model, flat_params, sums, train, shards, clients, round_, args,
     loss_sum, n_steps = 0.0, 0
     for k in clients:
         flat_params.copy_(global_weights)
-        loss, steps = client_update(model, train, shards[k], k, round_, args, algo.local_step(k, global_weights),
-                                    algo.local_loss(k, train[1][shards[k]]))
-        algo.client_done_(k, len(shards[k]), global_weights)
-        sums[:-1] += len(shards[k]) * flat_params  # n_k w_k
-        sums[-1] += len(shards[k])                 # n_k
+        local = algo.local_step(k, global_weights), algo.local_loss(k, train[1][fed.shards[k]])
+        loss, steps = client_update(replica.model, train, fed, k, round_, local)
+        algo.client_done_(k, len(fed.shards[k]), global_weights)
+        sums[:-1] += len(fed.shards[k]) * flat_params  # n_k w_k
+        sums[-1] += len(fed.shards[k])                 # n_k
         loss_sum, n_steps = loss_sum + loss, n_steps + steps
     utils.sync(flat_params.device)
     train_time = time.perf_counter() - t0
@@ -283,36 +348,51 @@ def client_round(model, flat_params, sums, train, shards, clients, round_, args,
     return loss_sum, n_steps, train_time, time.perf_counter() - t0 - train_time
 
 
-def federated_round(model, flat_params, sums, train, shards, clients, host, args, traffic, algo, *, round_, comm):
-    """One round on every rank: the server's part, or the part of this rank's clients (`host[k]`
+def federated_round(replica, train, fed, parts, clients, round_):
+    """One round on every rank: the server's part, or the part of this rank's clients (`fed.host[k]`
     is client k's rank; a rank with none sits out), then every rank's statistics to every rank.
     Returns (that table, and on the server each client rank's upload, for --measure-drift)."""
-    rank = comm.Get_rank()
-    workers = sorted({host[k] for k in clients})  # the ranks this round's clients run on
+    rank = parts.comm.Get_rank()
+    workers = sorted({fed.host[k] for k in clients})  # the ranks this round's clients run on
     loss_sum, n_steps, train_time, comm_time, uploads = 0.0, 0, 0.0, 0.0, None
     if rank == SERVER:
-        comm_time, uploads = server_round(flat_params, sums, workers, comm, traffic, algo)
+        comm_time, uploads = server_round(replica, parts, workers)
     elif rank in workers:
-        loss_sum, n_steps, train_time, comm_time = client_round(
-            model, flat_params, sums, train, shards, [k for k in clients if host[k] == rank], round_,
-            args, comm, traffic, algo)
+        mine = [k for k in clients if fed.host[k] == rank]
+        loss_sum, n_steps, train_time, comm_time = client_round(replica, train, fed, parts, mine,
+                                                                round_)
     # every rank's statistics to every rank: all stop together if training diverged
-    table = round_table([loss_sum, n_steps, train_time, comm_time, traffic.sent, traffic.received], comm)
+    traffic = replica.traffic
+    table = round_table([loss_sum, n_steps, train_time, comm_time, traffic.sent, traffic.received],
+                        parts.comm)
     return table, uploads
+
+
+@dataclasses.dataclass
+class Parts:
+    """The parts of training that a feature beyond the assignment may replace, each by one flag
+    (extensions.configure, once, before the loop); the defaults are the assignment's own."""
+    comm: MPI.Comm                                       # --elastic: the survivors' communicator
+    algorithm: FedAvg                                    # --algorithm: a variant's hooks
+    # --elastic: a round redone without a lost rank
+    federated_round: typing.Callable = federated_round
+    # --measure-drift: the client drift, each round
+    meter: typing.Any = None
 
 
 # ----- training -----
 
 def parse_args(world_size):
     parser = utils.get_parser(
-        "fed_avg", __doc__.splitlines()[0], epochs=None, batch_size=utils.BASE_BATCH, lr=utils.BASE_LR,
-        batch_help="samples per client SGD step",
+        "fed_avg", __doc__.splitlines()[0], epochs=None, batch_size=utils.BASE_BATCH,
+        lr=utils.BASE_LR, batch_help="samples per client SGD step",
         max_steps_help="cap on each client's SGD steps per round (1 with --momentum 0: FedSGD)",
-        results_help="results JSON path; default: results/fed_avg_<split>.json, e.g. fed_avg_iid.json, "
-                     "fed_avg_non-iid_alpha0.1.json")
+        results_help="results JSON path; default: results/fed_avg_<split>.json, e.g. "
+                     "fed_avg_iid.json, fed_avg_non-iid_alpha0.1.json")
     # federated learning
     parser.add_argument("--rounds", type=utils.positive(int), default=10,
-                        help="communication rounds: the server updates the global model once per round")
+                        help="communication rounds: the server updates the global model once "
+                             "per round")
     parser.add_argument("--local-epochs", type=utils.positive(int), default=1,
                         help="passes each client makes over its own shard per round (E)")
     parser.add_argument("--split-method", choices=SPLIT_METHODS, default=split_method,
@@ -324,29 +404,15 @@ def parse_args(world_size):
                         help="clients, spread over ranks 1..N-1; None: N-1, one per rank")
     parser.add_argument("--client-fraction", type=float, default=1.0,
                         help="fraction C of the clients that train each round")
-    parser.add_argument("--figures-dir", default="figures", help="where the data-distribution plot goes")
-    # beyond the assignment: extensions/fed_algorithms.py, extensions/drift.py
-    parser.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg",
-                        help="fedavg (McMahan et al. 2017), fedprox (Li et al. 2020), fedavgm (Hsu et al. "
-                             "2019), scaffold (Karimireddy et al. 2020), fedrs (Li and Zhan 2021) or fedlc "
-                             "(Zhang et al. 2022)")
-    parser.add_argument("--prox-mu", type=float, default=None, help="fedprox: mu of (mu/2)||w - w_global||^2; default 0.01")
-    parser.add_argument("--server-momentum", type=float, default=None,
-                        help="fedavgm: server momentum, default 0.9; fedrs, fedlc: default 0")
-    parser.add_argument("--server-lr", type=float, default=None, help="fedavgm, scaffold, fedrs, fedlc: server lr; default 1")
-    parser.add_argument("--rs-alpha", type=float, default=None,
-                        help="fedrs: scale of the logits of a client's missing classes; default 0.5")
-    parser.add_argument("--lc-tau", type=float, default=None,
-                        help="fedlc: tau of the calibration logit_c - tau n_c^(-1/4); default 1")
-    parser.add_argument("--measure-drift", action="store_true",
-                        help="record each round each client rank's distance from the new global model and "
-                             "per-class accuracies (costs the server a test pass per client rank)")
-    elastic.add_flags(parser)
+    parser.add_argument("--figures-dir", default="figures",
+                        help="where the data-distribution plot goes")
+    extensions.add_flags(parser, "fed_avg")
     args = parser.parse_args()
-    args.split = args.split_method + (f"_alpha{args.alpha:g}" if args.alpha else "")  # names the outputs
+    # names the outputs
+    args.split = args.split_method + (f"_alpha{args.alpha:g}" if args.alpha else "")
     args.results = args.results or os.path.join("results", f"fed_avg_{args.split}.json")
     utils.check_args(args)
-    elastic.check(args)
+    extensions.check(args, world_size, "fed_avg")  # fills in the defaults of the algorithm's flags
     if world_size < 2:
         utils.fail("FedAvg needs a server and at least one client: mpirun -n 5 python fed_avg.py "
                    "(rank 0 serves, ranks 1-4 are clients)")
@@ -356,18 +422,17 @@ def parse_args(world_size):
                    f"{world_size - 1} client ranks at least one client, or start fewer ranks")
     if not 0 < args.client_fraction <= 1:
         utils.fail(f"--client-fraction must be in (0, 1], got {args.client_fraction}")
-    error = fed_algorithms.check_args(args)  # fills in the defaults of the algorithm's flags
-    if error:
-        utils.fail(error)
     return args
 
 
 def make_shards(args, y_train, comm):
-    """Every rank computes the same seeded split; rank 0 plots it. Returns the shards and a title."""
+    """Every rank computes the same seeded split; rank 0 plots it.
+    Returns the shards and a title."""
     if args.split_method == "iid":
         title = "iid"
     else:
-        title = f"non-iid, Dirichlet(alpha={args.alpha:g})" if args.alpha else "non-iid, 2 label shards per client"
+        title = f"non-iid, Dirichlet(alpha={args.alpha:g})" if args.alpha \
+            else "non-iid, 2 label shards per client"
     try:
         shards = split_indices(y_train, args.num_clients, args.split_method, args.seed, args.alpha)
     except ValueError as e:
@@ -375,8 +440,9 @@ def make_shards(args, y_train, comm):
     sizes = [len(s) for s in shards]  # n_k, the FedAvg weights
     if min(sizes) < args.batch_size:
         k = sizes.index(min(sizes))
-        utils.fail(f"client {k} has {sizes[k]} samples, fewer than one batch of {args.batch_size}: lower "
-                   f"--batch-size, use fewer --num-clients" + (", or a larger --alpha" if args.alpha else ""))
+        utils.fail(f"client {k} has {sizes[k]} samples, fewer than one batch of "
+                   f"{args.batch_size}: lower --batch-size, use fewer --num-clients"
+                   + (", or a larger --alpha" if args.alpha else ""))
     # The split is seeded, so every rank computed the same one: check rather than trust.
     fingerprint = sizes + [int(s.sum()) for s in shards]
     if any(other != fingerprint for other in comm.allgather(fingerprint)):
@@ -409,12 +475,13 @@ def round_table(row, comm):
     return table
 
 
-def round_record(model, x_test, y_test, round_, clients, train_loss, table, t0, args):
-    """Server, after a round: evaluate the global model, print the round's line, return its record."""
-    round_time = time.perf_counter() - t0
+def round_record(model, test, h, table, t0, args):
+    """Server, after a round: evaluate the global model, print the round's line, and return its
+    record: `h` (its number, clients and train loss) with the test and the times from `table`."""
+    (x_test, y_test), round_time = test, time.perf_counter() - t0
     test_loss, correct = utils.evaluate(model, x_test, y_test)
-    h = dict(round=round_ + 1, clients=clients, train_loss=train_loss, test_loss=test_loss / len(x_test),
-             test_acc=100 * correct / len(x_test), train_time=table[1:, 2].max(),  # the slowest client rank
+    h.update(test_loss=test_loss / len(x_test), test_acc=100 * correct / len(x_test),
+             train_time=table[1:, 2].max(),  # the slowest client rank
              # moving weights: the server's sends, then the slowest upload (not the waiting)
              comm_time=table[0, 3] + table[1:, 3].max(),
              round_time=round_time, eval_time=time.perf_counter() - t0 - round_time)
@@ -424,80 +491,96 @@ def round_record(model, x_test, y_test, round_, clients, train_loss, table, t0, 
     return h
 
 
+def report(replica, parts, progress, t_start, about, args):
+    """Server: print the final line and save the results, `about` being what the run was."""
+    if parts.comm.Get_rank() != SERVER:
+        return
+    history = progress["history"]
+    print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
+    utils.save_results(args.results, dict(
+        script="fed_avg", config=vars(args), world_size=MPI.COMM_WORLD.Get_size(), **about,
+        wall_time=time.perf_counter() - t_start, final_test_acc=history[-1]["test_acc"],
+        history=history, bytes_per_rank=[{"bytes_sent": int(s), "bytes_recv": int(r)}
+                                         for s, r in progress["traffic"]],
+        figure=os.path.join(args.figures_dir, f"data_distribution_{args.split}.png"),
+        **({"failures": parts.comm.failures} if args.elastic else {})))
+    if args.save_model:
+        utils.save_model(args.save_model, replica.model)
+
+
+def describe(args, about, n_train, world_size):
+    """The run's first line: the clients, the split, the data, the local steps, the rounds."""
+    steps = about["local_steps"]
+    return (f"fed_avg | server + {world_size - 1} client ranks | {args.num_clients} clients, "
+            f"{about['clients_per_round']} per round | {about['split']} | {args.dataset}: "
+            f"{n_train} "
+            f"train | {about['params']:,} params | {args.algorithm} | local: {args.local_epochs} "
+            f"epoch(s) = {min(steps)}{'' if min(steps) == max(steps) else f'-{max(steps)}'} "
+            "steps of "
+            f"{args.batch_size}, lr {args.lr:g} | {args.rounds} rounds | {about['device']} x "
+            f"{about['threads']} threads per rank")
+
+
 def main():
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
-    is_root = rank == SERVER  # it also evaluates, prints and saves
     utils.abort_on_exception(comm)
     args = parse_args(world_size)
     device, threads = utils.setup(args, comm, outputs=[args.figures_dir + os.sep])
 
     # data: every rank loads it all and computes the same split; a client trains on its shard only
-    train, (x_test, y_test) = utils.load_data(args, device, comm)
+    train, test = utils.load_data(args, device, comm)
     shards, split_title = make_shards(args, train[1], comm)
-    host = [1 + k % (world_size - 1) for k in range(args.num_clients)]  # client k runs on rank host[k]
-    per_round = max(1, round(args.client_fraction * args.num_clients))
-    steps = [local_steps(len(s), args) for s in shards]
+    hosts = [1 + k % (world_size - 1) for k in range(args.num_clients)]  # client k runs on hosts[k]
+    fed = Federation(args, shards, hosts)
 
     # model: the weights live in one flat buffer, so one call moves them all
     model = utils.make_model(device, args.seed)
     flat_params, flat_grads = utils.flatten_parameters(model)
-    sums = torch.zeros(len(flat_params) + 1, device=device)  # [sum_k n_k w_k, sum_k n_k]
-    algo = ALGORITHMS[args.algorithm](args, flat_params, flat_grads, [len(s) for s in shards])
-    meter = drift.DriftMeter(model, shards, train[1], host, (x_test, y_test)) if args.measure_drift else None
-    utils.print0(f"fed_avg | server + {world_size - 1} client ranks | {args.num_clients} clients, "
-                 f"{per_round} per round | {split_title} | {args.dataset}: {len(train[0])} train | "
-                 f"{len(flat_params):,} params | {args.algorithm} | local: {args.local_epochs} epoch(s) = {min(steps)}"
-                 f"{'' if min(steps) == max(steps) else f'-{max(steps)}'} steps of {args.batch_size}, "
-                 f"lr {args.lr:g} | {args.rounds} rounds | {device} x {threads} threads per rank")
+    per_round = max(1, round(args.client_fraction * args.num_clients))
+    counts = [torch.bincount(train[1][s], minlength=len(utils.CLASSES)).tolist() for s in shards]
+    about = dict(split=split_title, clients_per_round=per_round,
+                 client_sizes=[len(s) for s in shards], client_ranks=hosts,  # --elastic moves them
+                 client_class_counts=counts,
+                 local_steps=[local_steps(len(s), args) for s in shards], threads=threads,
+                 device=str(device), params=len(flat_params))
+    utils.print0(describe(args, about, len(train[0]), world_size))
 
     # resume: a round depends only on the global model, the client sampler and the metrics
     sampler = torch.Generator().manual_seed(args.seed)  # which clients train: a stream of its own
     progress = utils.load_checkpoint(args, world_size, model, None, dict(
-        round=0, history=[], wall_time=0.0, traffic=[[0, 0]] * world_size, sampler=sampler.get_state(),
-        algorithm={}))
+        round=0, history=[], wall_time=0.0, traffic=[[0, 0]] * world_size,
+        sampler=sampler.get_state(), algorithm={}))
     sampler.set_state(progress["sampler"])
-    algo.load_state_(progress["algorithm"])  # FedAvgM's momentum, SCAFFOLD's control variates
-    traffic = utils.Traffic(*progress["traffic"][rank])
+    sums = torch.zeros(len(flat_params) + 1, device=device)  # [sum_k n_k w_k, sum_k n_k]
+    replica = Replica(model, flat_params, sums, utils.Traffic(*progress["traffic"][rank]))
+    # what --algorithm, --measure-drift and --elastic replace (extensions/): nothing, by default
+    fedavg = FedAvg(args, flat_params, flat_grads, about["client_sizes"])
+    parts = extensions.configure(args, "fed_avg", Parts(comm, fedavg), replica, fed,
+                                 data=(train, test))
+    parts.algorithm.load_state_(progress["algorithm"])  # FedAvgM's momentum, SCAFFOLD's c, c_k
 
-    # train; with --elastic a lost client rank's clients move to the survivors (`host` changes in
-    # place), and the round is redone from the same global model (extensions/elastic.py)
-    comm, federated_round_, failures = (elastic.survive_clients(comm, federated_round, flat_params, algo, host)
-                                        if args.elastic else (comm, federated_round, None))
     t_start = time.perf_counter() - progress["wall_time"]
     for round_ in range(progress["round"], args.rounds):
         t0 = time.perf_counter()
         clients = sorted(torch.randperm(args.num_clients, generator=sampler)[:per_round].tolist())
-        table, uploads = federated_round_(model, flat_params, sums, train, shards, clients, host, args, traffic, algo,
-                                          round_=round_, comm=comm)
+        table, uploads = parts.federated_round(replica, train, fed, parts, clients, round_)
         train_loss = table[:, 0].sum() / max(1, table[:, 1].sum())
-        if not np.isfinite(train_loss):
-            utils.fail(f"training diverged (train loss {train_loss}); lower --lr", code=1)
-        progress.update(round=round_ + 1, sampler=sampler.get_state(), traffic=table[:, 4:].tolist(),
-                        algorithm=algo.state(comm, clients, host))  # SCAFFOLD: c_k to the server
-        if is_root:
-            h = round_record(model, x_test, y_test, round_, clients, train_loss, table, t0, args)
-            if meter:  # --measure-drift: each client rank's model against the new global one
-                h.update(drift=meter.measure(flat_params, uploads, sorted({host[k] for k in clients}), clients))
-            progress.update(history=progress["history"] + [h], wall_time=time.perf_counter() - t_start)
+        utils.stop_if_diverged(train_loss, parts.comm)
+        state = parts.algorithm.state(parts.comm, clients, hosts)  # SCAFFOLD: c_k to the server
+        progress.update(round=round_ + 1, sampler=sampler.get_state(), algorithm=state,
+                        traffic=table[:, 4:].tolist())
+        if parts.comm.Get_rank() == SERVER:
+            h = dict(round=round_ + 1, clients=clients, train_loss=train_loss)
+            h = round_record(model, test, h, table, t0, args)
+            if parts.meter:  # --measure-drift: each client rank's model against the new global one
+                ranks = sorted({hosts[k] for k in clients})
+                h.update(drift=parts.meter.measure(flat_params, uploads, ranks, clients))
+            progress.update(history=progress["history"] + [h],
+                            wall_time=time.perf_counter() - t_start)
             if args.checkpoint:  # the server's weights are the global model
                 utils.save_checkpoint(args, world_size, model, None, progress)
-
-    # report
-    if is_root:
-        history = progress["history"]
-        print(f"Final test accuracy: {history[-1]['test_acc']:.2f}%", flush=True)
-        utils.save_results(args.results, dict(
-            script="fed_avg", config=vars(args), world_size=world_size, split=split_title,
-            clients_per_round=per_round, client_sizes=[len(s) for s in shards], client_ranks=host,
-            client_class_counts=[torch.bincount(train[1][s], minlength=len(utils.CLASSES)).tolist() for s in shards],
-            local_steps=steps, threads=threads, device=str(device), params=len(flat_params),
-            wall_time=time.perf_counter() - t_start, final_test_acc=history[-1]["test_acc"], history=history,
-            bytes_per_rank=[{"bytes_sent": int(s), "bytes_recv": int(r)} for s, r in progress["traffic"]],
-            figure=os.path.join(args.figures_dir, f"data_distribution_{args.split}.png"),
-            **({"failures": failures} if args.elastic else {})))
-        if args.save_model:
-            utils.save_model(args.save_model, model)
+    report(replica, parts, progress, t_start, about, args)
 
 
 if __name__ == "__main__":

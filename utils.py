@@ -36,15 +36,17 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 # cent_sgd.py's lr and batch; the distributed scripts scale the lr from these (scaled_lr)
 BASE_LR, BASE_BATCH = 0.05, 64
-# Without BatchNorm this model sits at the edge of stability near the peak lr: a few steps' gradients
-# grow many times their usual norm, and on some seeds and hosts the run then diverges or falls to
-# chance. Clipping the norm bounds those steps and leaves the typical ones alone (clip_gradients_).
+# Without BatchNorm this model sits at the edge of stability near the peak lr: a few steps'
+# gradients grow many times their usual norm, and on some seeds and hosts the run then diverges or
+# falls to chance. Clipping the norm bounds those steps and leaves the typical ones alone
+# (clip_gradients_).
 CLIP_NORM = 5.0
 
 
-def print0(*args, **kwargs):
-    """print() from rank 0 only, flushed so mpirun shows lines as they happen."""
-    if RANK == 0:
+def print0(*args, comm=None, **kwargs):
+    """print() from rank 0 only, flushed so mpirun shows lines as they happen. Rank 0 of `comm`,
+    the communicator in use, when there is one (--elastic: the survivors'); else of the job."""
+    if (RANK if comm is None else comm.Get_rank()) == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -62,17 +64,26 @@ def abort_on_exception(comm):
         sys.excepthook = hook
 
 
-def fail(message, code=2):
-    """Exit with one line on stderr. Call it on every rank at the same point: rank 0 prints."""
-    if RANK == 0:
+def fail(message, code=2, comm=None):
+    """Exit with one line on stderr. Call it on every rank at the same point: rank 0 (of `comm`,
+    as print0) prints."""
+    if (RANK if comm is None else comm.Get_rank()) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def stop_if_diverged(train_loss, comm=None):
+    """Stop every rank, with one line, once the train loss is no longer finite: a NaN spreads
+    through the weights, and the rest of the run would compute nothing."""
+    if not math.isfinite(train_loss):
+        fail(f"training diverged (train loss {train_loss}); lower --lr", code=1, comm=comm)
 
 
 # ----------------------------------------------------------------------------- flags
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" in --help, except where the default is None and the help says what happens."""
+    """Shows "(default: X)" in --help, except where the default is None and the help says
+    what happens."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
@@ -108,36 +119,46 @@ def get_parser(script, description, *, epochs, batch_size, lr, batch_help="sampl
     p = ArgumentParser(description=description, formatter_class=HelpFormatter)
     # optimization
     if epochs is not None:
-        p.add_argument("--epochs", type=positive(int), default=epochs, help="passes over the training set")
+        p.add_argument("--epochs", type=positive(int), default=epochs,
+                       help="passes over the training set")
     p.add_argument("--batch-size", type=positive(int), default=batch_size, help=batch_help)
-    p.add_argument("--lr", type=positive(float), default=lr, help="peak learning rate of the one-cycle schedule" + (
-        "; default: cent_sgd.py's lr, scaled by sqrt(global batch / its batch) (utils.scaled_lr)" if lr is None else ""))
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum; 0 for plain SGD")
+    p.add_argument("--lr", type=positive(float), default=lr,
+                   help="peak learning rate of the one-cycle schedule"
+                        + ("; default: cent_sgd.py's lr, scaled by sqrt(global batch / its batch) "
+                           "(utils.scaled_lr)" if lr is None else ""))
+    p.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD (Nesterov) momentum; 0 for plain SGD")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty")
-    p.add_argument("--warmup", type=float, default=0.2, help="fraction of steps spent ramping the lr up")
+    p.add_argument("--warmup", type=float, default=0.2,
+                   help="fraction of steps spent ramping the lr up")
     p.add_argument("--clip-norm", type=float, default=CLIP_NORM,
-                   help="scale the gradient each step uses (the average, where ranks average) down to this "
-                        "L2 norm when it is longer; 0: never")
-    p.add_argument("--seed", type=int, default=0, help="seed (>= 0) for model init, data order and augmentation")
+                   help="scale the gradient each step uses (the average, where ranks average) "
+                        "down to this L2 norm when it is longer; 0: never")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed (>= 0) for model init, data order and augmentation")
     # data
     p.add_argument("--dataset", choices=("cifar10", "synthetic"), default="cifar10",
                    help="synthetic: small, CIFAR-shaped and learnable; needs no download")
     p.add_argument("--data-dir", default="data", help="holds (or receives) cifar-10-batches-py/")
     p.add_argument("--train-size", type=positive(int), default=None,
-                   help="train on the first N training samples only (quick looks, tests); default: all")
+                   help="train on the first N training samples only (quick looks, tests); "
+                        "default: all")
     # system
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when present")
     p.add_argument("--results", default=None,
                    help=results_help or f"results JSON path; default: results/{script}.json")
     p.add_argument("--save-model", default=None, metavar="PATH",
-                   help="save the final weights, one vector in parameter order (torch.save), atomically")
+                   help="save the final weights, one vector in parameter order (torch.save), "
+                        "atomically")
     p.add_argument("--max-steps", type=positive(int), default=None, help=max_steps_help)
     # checkpoints
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="after every epoch (round), save the training state here, atomically; "
                         "every rank must be able to read it (one machine, or a shared disk)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from --checkpoint when it exists; the flags must match the run that wrote it")
+                   help="continue from --checkpoint when it exists; "
+                        "the flags must match the run that wrote it")
     p.set_defaults(script=script)
     return p
 
@@ -323,12 +344,14 @@ def load_data(args, device, comm=None):
 
 
 DATA_READ = None  # (--dataset, --data-dir) of the last load_data, for the record (data_source)
-CIFAR10_TEST_MD5 = "40351d587109b95175f43aff81a1287e"  # test_batch of the official cifar-10-python.tar.gz
+# test_batch of the official cifar-10-python.tar.gz
+CIFAR10_TEST_MD5 = "40351d587109b95175f43aff81a1287e"
 
 
 def data_source():
-    """What load_data read, in words: synthetic, the official CIFAR-10 files, or another copy of them
-    (one rebuilt from JPEGs, say, whose accuracies are close to but not those of the official files)."""
+    """What load_data read, in words: synthetic, the official CIFAR-10 files, or another copy of
+    them (one rebuilt from JPEGs, say, whose accuracies are close to but not those of the official
+    files)."""
     if DATA_READ is None:
         return None
     dataset, data_dir = DATA_READ
@@ -337,7 +360,8 @@ def data_source():
     import hashlib
     with open(os.path.join(data_dir, "cifar-10-batches-py", "test_batch"), "rb") as f:
         official = hashlib.md5(f.read()).hexdigest() == CIFAR10_TEST_MD5
-    return "CIFAR-10, the official files" if official else "CIFAR-10, a copy that differs from the official files"
+    return ("CIFAR-10, the official files" if official
+            else "CIFAR-10, a copy that differs from the official files")
 
 
 def load_cifar10(data_dir, comm=None):
@@ -417,7 +441,8 @@ def make_synthetic(seed, n_train=5000, n_test=1000, num_classes=10):
     the label); a sample is its class pattern at a random contrast plus pixel noise.
     """
     g = torch.Generator().manual_seed(seed)
-    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32, mode="bilinear")
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32,
+                             mode="bilinear")
     patterns = (patterns + patterns.flip(-1)) / 2
 
     def sample(n):
@@ -433,7 +458,8 @@ def make_synthetic(seed, n_train=5000, n_test=1000, num_classes=10):
 
 
 def normalize(x_uint8, flip=None):
-    """uint8 batch -> normalized float32 batch, channels-last; `flip` is a bool mask of images to mirror."""
+    """uint8 batch -> normalized float32 batch, channels-last; `flip` is a bool mask of
+    images to mirror."""
     x = x_uint8.float().div_(255)
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -463,13 +489,14 @@ def stream_seed(*keys):
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
-def batches(order, flips, global_batch, rank=0, world_size=1):
-    """Yield (indices, flip mask) of this rank's share of each full global batch.
+def batches(order, flips, global_batch, rank=0, world_size=1, start=0):
+    """Yield (indices, flip mask) of this rank's share of each full global batch, from batch
+    `start` of the epoch on (a resumed run's first, or the step --elastic redoes).
 
     The last partial global batch is dropped: each epoch's order differs, so no sample is
     left out for good, and every step has the same size on every rank.
     """
-    for k in range(len(order) // global_batch):
+    for k in range(start, len(order) // global_batch):
         s = slice(k * global_batch + rank, (k + 1) * global_batch, world_size)
         yield order[s], flips[s]
 
@@ -479,7 +506,8 @@ def count_steps(n_train, global_batch, args):
     --max-steps. A global batch larger than the training set is refused here, on every rank."""
     steps_per_epoch = n_train // global_batch
     if steps_per_epoch == 0:
-        fail(f"the global batch of {global_batch} samples is larger than the {n_train} training samples")
+        fail(f"the global batch of {global_batch} samples is larger than the {n_train} "
+             "training samples")
     return min(args.epochs * steps_per_epoch, args.max_steps or float("inf"))
 
 
@@ -573,7 +601,8 @@ def flatten_parameters(model):
 # ----------------------------------------------------------------------------- train / eval
 
 def make_optimizer(params, args):
-    """SGD with Nesterov momentum (plain SGD at --momentum 0) and weight decay, as every script uses."""
+    """SGD with Nesterov momentum (plain SGD at --momentum 0) and weight decay, as every
+    script uses."""
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
                            weight_decay=args.weight_decay)
 
@@ -660,8 +689,8 @@ def hardware():
 # Flags that name files, pick hardware or say what a failure does: a run may resume with other
 # values of these, but any other flag changes what is computed (even --epochs: it stretches
 # the lr schedule).
-NOT_CONFIG = ("results", "save_model", "checkpoint", "resume", "data_dir", "device", "figures_dir", "script",
-              "elastic")
+NOT_CONFIG = ("results", "save_model", "checkpoint", "resume", "data_dir", "device", "figures_dir",
+              "script", "elastic")
 CHECKPOINT_FORMAT = "ee599-hw5-checkpoint-2"  # a tag, so that any other file is refused by name
 
 
@@ -678,9 +707,9 @@ def save_checkpoint(args, world_size, model, optimizer, progress):
     `progress` (FedAvg's client sampler), so no global RNG state needs saving.
     """
     progress = json_safe(progress)
-    state = dict(format=CHECKPOINT_FORMAT, script=args.script, world_size=world_size, config=run_config(args),
-                 model=model.state_dict(), optimizer=optimizer.state_dict() if optimizer else None,
-                 progress=progress)
+    state = dict(format=CHECKPOINT_FORMAT, script=args.script, world_size=world_size,
+                 config=run_config(args), model=model.state_dict(),
+                 optimizer=optimizer.state_dict() if optimizer else None, progress=progress)
     write_atomically(args.checkpoint, lambda f: torch.save(state, f), binary=True)
 
 
@@ -719,9 +748,11 @@ def load_checkpoint(args, world_size, model, optimizer, progress):
     if state["script"] != args.script:
         fail(f"{path} was written by {state['script']}.py, not {args.script}.py")
     if state["world_size"] != world_size:
-        fail(f"{path} was written by a run of {state['world_size']} ranks; this one has {world_size}")
+        fail(f"{path} was written by a run of {state['world_size']} ranks; "
+             f"this one has {world_size}")
     config = run_config(args)
-    changed = [k for k in sorted(set(config) | set(state["config"])) if config.get(k) != state["config"].get(k)]
+    changed = [k for k in sorted(set(config) | set(state["config"]))
+               if config.get(k) != state["config"].get(k)]
     if changed:
         k, more = changed[0], f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         fail(f"{path} was written with another configuration: --{k.replace('_', '-')} was "
@@ -730,7 +761,8 @@ def load_checkpoint(args, world_size, model, optimizer, progress):
     if optimizer:
         optimizer.load_state_dict(state["optimizer"])
     progress.update(state["progress"])
-    if "traffic" in progress:  # a run that lost ranks (--elastic) counted fewer than it restarts with
+    # a run that lost ranks (--elastic) counted fewer than it restarts with
+    if "traffic" in progress:
         progress["traffic"] += [[0, 0]] * (world_size - len(progress["traffic"]))
     done = ", ".join(f"{k} {progress[k]}" for k in ("epoch", "round", "step") if k in progress)
     print0(f"resumed from {path}: {done}")

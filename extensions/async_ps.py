@@ -60,7 +60,7 @@ import torch
 from mpi4py import MPI
 
 import utils
-from extensions import elastic, stragglers
+from extensions import elastic
 
 SERVER = 0
 GRADIENT = 1  # worker -> server
@@ -68,7 +68,13 @@ END = 32767  # server -> worker: the epoch is over, here are the final weights. 
 # is the index of the worker's next batch; 32767 is the largest tag every MPI must accept.
 
 
+TITLE = "asynchronous and bounded-staleness servers (extensions/async_ps.py)"
+
+
 def add_flags(parser):
+    parser.add_argument("--mode", choices=("sync", *MODES), default="sync",
+                        help="sync: the server waits for all W gradients; async: it applies each as it "
+                             "comes; ssp: as async, with staleness at most --staleness")
     parser.add_argument("--staleness", type=int, default=2,
                         help="ssp: the most server updates a gradient may lag behind the weights it is applied to")
     parser.add_argument("--staleness-lr", action="store_true",
@@ -78,7 +84,8 @@ def add_flags(parser):
                              "2019); the default lr becomes the synchronous server's over the W workers")
 
 
-def check(args, num_workers):
+def check(args, world_size, script):
+    num_workers = world_size - 1
     if args.staleness < 0:
         utils.fail(f"--staleness must be >= 0, got {args.staleness}")
     if args.dana and args.mode != "async":
@@ -154,14 +161,17 @@ class Server:
         return None
 
 
-def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, args, comm, traffic, batches):
+def serve_epoch(replica, plan, comm, step, batches):
     """Server executes: receive gradients as they come, apply them (see Server.next_update),
     reply to each worker with the new weights and its next batch. With --elastic, a worker
     whose receive or reply fails is dropped (Server.lose). Returns (step, update seconds, stats)."""
+    optimizer, flat_params, flat_grads, traffic = replica.optimizer, replica.flat_params, replica.flat_grads, \
+        replica.traffic
+    args, total_steps = plan.args, plan.total_steps
     device_ok = utils.mpi_is_cuda_aware(flat_params.device)
     staleness = args.staleness if args.mode == "ssp" else math.inf
     num_workers = comm.Get_size() - 1  # --elastic: the workers still here
-    inbox = inbox[:num_workers]
+    inbox = replica.inbox[:num_workers]
     in_job = job_ranks(comm)  # DANA's buffers are the workers' ranks in the whole job
     workers_in_job = MPI.COMM_WORLD.Get_size() - 1
     state = Server(num_workers, batches, staleness)
@@ -182,7 +192,7 @@ def serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps, ar
             if w in idle:
                 idle.remove(w)
             utils.print0(f"worker {w} lost at step {step}" + ("" if batch is None else
-                         f": batch {batch} of the epoch goes to the next worker that asks"))
+                         f": batch {batch} of the epoch goes to the next worker that asks"), comm=comm)
         while state.todo and idle:  # a requeued batch, and workers done with the epoch's others
             hand_out(idle.pop())
 
@@ -267,9 +277,11 @@ def reply(flat_params, device_ok, worker, tag, comm, traffic):
 
 # ----- a worker -----
 
-def work_epoch(model, flat_params, flat_grads, train, epoch, batches, args, comm, traffic, straggle):
+def work_epoch(replica, train, plan, parts, epoch, batches):
     """A worker executes: the gradient of batch k, to the server; the new weights back, and
     in their tag the next k (or END). Returns (mean loss, seconds communicating)."""
+    model, flat_params, flat_grads, traffic = replica.model, replica.flat_params, replica.flat_grads, replica.traffic
+    args, comm, straggle = plan.args, parts.comm, parts.straggle
     x_train, y_train = train
     device_ok = utils.mpi_is_cuda_aware(x_train.device)
     order, flips = utils.epoch_order(len(x_train), args.seed, epoch)
@@ -297,26 +309,23 @@ def work_epoch(model, flat_params, flat_grads, train, epoch, batches, args, comm
         k = status.Get_tag()
 
 
-# ----- the hook: what dist_sgd_param_server.py's MODES table calls -----
+# ----- the hook: the epoch that extensions.configure gives dist_sgd_param_server.py -----
 
-def train_epoch(model, optimizer, flat_params, flat_grads, inbox, train, epoch, total_steps, global_batch,
-                args, traffic, *, step, comm):
-    """One epoch of --mode async or ssp, with the signature of the script's synchronous
-    train_epoch (`global_batch` is unused: each update here is one worker's --batch-size).
-    Returns (step, this rank's mean loss, its communication time, the server's update time,
-    the epoch's staleness statistics)."""
-    batches = min(len(train[0]) // args.batch_size, total_steps - step)
+def train_epoch(replica, train, plan, parts, epoch, step):
+    """One epoch of --mode async or ssp, in the place of the script's synchronous train_epoch
+    (each update here is one worker's --batch-size). Returns {"step", "loss": this rank's mean
+    loss, "comm_time": its communication time, "update_time": the server's, "stats": the epoch's
+    staleness statistics}."""
+    args, comm = plan.args, parts.comm
+    batches = min(len(train[0]) // args.batch_size, plan.total_steps - step)
     if len(train[0]) // args.batch_size >= END:  # every rank gets here with the same numbers
         utils.fail(f"{len(train[0]) // args.batch_size} batches per epoch: --mode {args.mode} numbers "
-                   f"them in message tags below {END}; raise --batch-size")
+                   f"them in message tags below {END}; raise --batch-size", comm=comm)
     if comm.Get_rank() == SERVER:
-        step, update_time, stats = serve_epoch(optimizer, flat_params, flat_grads, inbox, step, total_steps,
-                                               args, comm, traffic, batches)
-        return step, 0.0, 0.0, update_time, stats
-    straggle = stragglers.slowdown(args, comm.Get_rank(), train[0].device)
-    loss, comm_time = work_epoch(model, flat_params, flat_grads, train, epoch, batches, args, comm, traffic,
-                                 straggle)
-    return step + batches, loss, comm_time, 0.0, {}
+        step, update_time, stats = serve_epoch(replica, plan, comm, step, batches)
+        return {"step": step, "loss": 0.0, "comm_time": 0.0, "update_time": update_time, "stats": stats}
+    loss, comm_time = work_epoch(replica, train, plan, parts, epoch, batches)
+    return {"step": step + batches, "loss": loss, "comm_time": comm_time, "update_time": 0.0, "stats": {}}
 
 
 MODES = {"async": train_epoch, "ssp": train_epoch}

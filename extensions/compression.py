@@ -210,6 +210,22 @@ class PowerSGD:
 
 
 METHODS = {"fp16": FP16, "topk": TopK, "powersgd": PowerSGD}
+TITLE = "gradient compression (extensions/compression.py)"
+
+
+def add_flags(parser):
+    """--compress and the knobs of its methods; none, the default, is the script's own average."""
+    parser.add_argument("--compress", choices=("none", *METHODS), default="none",
+                        help="fewer bytes per step: fp16, topk or powersgd; none: the float32 gradient")
+    parser.add_argument("--topk-ratio", type=utils.positive(float), default=0.01,
+                        help="topk: the fraction of gradient entries each rank sends")
+    parser.add_argument("--powersgd-rank", type=utils.positive(int), default=2,
+                        help="powersgd: the rank of each gradient matrix's approximation")
+
+
+def check(args, world_size, script):
+    if args.topk_ratio > 1:
+        utils.fail(f"--topk-ratio must be in (0, 1], got {args.topk_ratio}")
 
 
 def record(average_, flat_grads, per_rank_bytes, steps):

@@ -29,6 +29,17 @@ import torch
 import utils
 
 OWN_SHARE = 0.05  # a class is a client's own when it is at least this share of its samples
+TITLE = "client drift (extensions/drift.py)"
+
+
+def add_flags(parser):
+    parser.add_argument("--measure-drift", action="store_true",
+                        help="record each round each client rank's distance from the new global model and "
+                             "per-class accuracies (costs the server a test pass per client rank)")
+
+
+def check(args, world_size, script):
+    pass
 
 
 @torch.no_grad()

@@ -2,9 +2,9 @@
 
     mpirun --with-ft ulfm --mca pml ob1 --mca btl tcp,self -n 4 python dist_sgd_serverless.py --elastic
 
-Used by dist_sgd_serverless.py through one hook (`survive`), by dist_sgd_param_server.py
-through `survive_server`, and by fed_avg.py through `survive_clients` (below); without
---elastic a lost rank ends the whole job (utils.abort_on_exception), which stays the default.
+The data-parallel scripts meet it through extensions.configure, which calls `configure` (below)
+to replace their Parts; fed_avg.py through `survive_clients`. Without --elastic a lost rank
+ends the whole job (utils.abort_on_exception), which stays the default.
 
 ULFM, User-Level Failure Mitigation (Bland, Bouteiller, Herault, Bosilca, Dongarra, "Post-failure
 recovery of MPI communication capability: design and rationale", IJHPCA 2013), is built into Open
@@ -22,7 +22,8 @@ MPI 5 and switched on by `mpirun --with-ft ulfm`. On one machine it works over T
    rank weights its gradient by its share of the batch before the all-reduce sums them, so the
    sum is the batch mean whatever the shares are, and training still equals centralized SGD.
 
-Rank 0 of the new communicator prints and writes from then on (utils.RANK is updated). A rank lost
+Rank 0 of the new communicator prints and writes from then on: the script asks the communicator
+in use (its Parts' comm, the survivors' proxy below) which rank it is. A rank lost
 outside a training step (in an evaluation, at a checkpoint) still ends the job.
 
 The parameter server (--mode sync) differs in two ways. Its state is the server's alone, so in
@@ -62,13 +63,16 @@ LOST = (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED)
 MPIRUN = "mpirun --with-ft ulfm --mca pml ob1 --mca btl tcp,self"
 
 
+TITLE = "surviving a lost rank (extensions/elastic.py)"
+
+
 def add_flags(parser):
     parser.add_argument("--elastic", action="store_true",
                         help=f"go on without a rank that dies (needs `{MPIRUN}`); "
                              "default: a lost rank ends the job")
 
 
-def check(args):
+def check(args, world_size, script):
     """--elastic needs an MPI library with ULFM, and mpirun's switch that turns it on."""
     if not args.elastic:
         return
@@ -77,11 +81,6 @@ def check(args):
                    "such as Open MPI 5, and mpi4py >= 4")
     if os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true", "yes"):
         utils.fail(f"--elastic needs MPI's fault tolerance switched on: launch with `{MPIRUN} -n N ...`")
-    if getattr(args, "compress", "none") != "none":
-        utils.fail("--elastic works with the uncompressed average only (--compress none)")
-    if getattr(args, "algorithm", "fedavg") == "scaffold":
-        utils.fail("--elastic cannot move SCAFFOLD's client control variates, which die with their rank: "
-                   "use --algorithm fedavg, fedprox, fedavgm, fedrs or fedlc")
 
 
 class ShrinkingComm:
@@ -90,7 +89,7 @@ class ShrinkingComm:
     results) uses the survivors without being told."""
 
     def __init__(self, comm):
-        self.comm = comm
+        self.comm, self.failures = comm, []  # failures: what the results record, one entry per loss
 
     def __getattr__(self, name):
         return getattr(self.comm, name)
@@ -102,15 +101,24 @@ class ShrinkingComm:
         self.comm.Revoke()
         self.comm = self.comm.Shrink()
         self.old_ranks = self.comm.allgather(old_rank)  # the survivors' ranks before, in their new order
-        utils.RANK = self.comm.Get_rank()  # the new rank 0 prints and writes
         return sorted(set(range(old_size)) - set(self.old_ranks))
 
 
-def survive(comm, train_epoch, model, optimizer, flat_params, global_batch):
-    """dist_sgd_serverless.py: wrap train_epoch so that a lost rank is dropped and the epoch
-    goes on without it. Returns (the communicator to use from now on, the wrapped train_epoch,
-    the list of failures, which the results record)."""
-    survivors, failures, done = ShrinkingComm(comm), [], {"step": 0}
+def configure(script, parts, replica, plan):
+    """--elastic: make the script's Parts go on without a rank that dies. The survivors' communicator
+    replaces the script's; the serverless script and the synchronous server also get the weighted
+    average, and an epoch that redoes the step a lost rank interrupted."""
+    if script == "dist_sgd_serverless":
+        survive(parts, replica, plan)
+    elif plan.args.mode == "sync":
+        survive_server(parts, replica, plan)
+    else:
+        survive_async(parts)
+
+
+def survive(parts, replica, plan):
+    """dist_sgd_serverless.py: a lost rank is dropped and the epoch goes on without it."""
+    survivors, done, global_batch = ShrinkingComm(parts.comm), {"step": 0}, plan.global_batch
 
     def weighted_average_(flat_grads, comm, allreduce_, device_ok=False):
         """Weight this rank's gradient by its share of the global batch, then sum: the mean
@@ -118,13 +126,14 @@ def survive(comm, train_epoch, model, optimizer, flat_params, global_batch):
         flat_grads.mul_(share(comm.Get_rank(), comm.Get_size(), global_batch) / global_batch)
         with utils.staged(flat_grads, device_ok) as buf:
             moved = allreduce_(buf, comm)
-        step_done(done, failures)  # the update that follows is local and cannot fail
+        step_done(done, survivors.failures)  # the update that follows is local and cannot fail
         return moved
 
     def recover():
-        return agree_on_state(survivors, done["step"], model, optimizer, flat_params)
+        return agree_on_state(survivors, done["step"], replica.model, replica.optimizer, replica.flat_params)
 
-    return survivors, retrying(train_epoch, survivors, failures, done, weighted_average_, recover), failures
+    parts.comm, parts.average_ = survivors, weighted_average_
+    parts.train_epoch = retrying(parts.train_epoch, survivors, done, recover)
 
 
 def share(rank, size, global_batch):
@@ -132,14 +141,11 @@ def share(rank, size, global_batch):
     return len(range(rank, global_batch, size))
 
 
-def survive_server(comm, mode, train_epoch, flat_params, global_batch):
-    """dist_sgd_param_server.py: the same for the synchronous parameter server. A lost worker
-    is dropped; the server (rank 0) holds the only optimizer state, so after a failure the
-    workers take its weights and its step count. A lost server ends the job, with a line
-    that says how to restart from the last checkpoint. --mode async and ssp: survive_async."""
-    if mode != "sync":
-        return survive_async(comm, train_epoch)
-    survivors, failures, done = ShrinkingComm(comm), [], {"step": 0}
+def survive_server(parts, replica, plan):
+    """dist_sgd_param_server.py --mode sync: a lost worker is dropped. The server (rank 0) holds the
+    only optimizer state, so after a failure the workers take its weights and its step count. A
+    lost server ends the job, with a line that says how to restart from the last checkpoint."""
+    survivors, done, global_batch = ShrinkingComm(parts.comm), {"step": 0}, plan.global_batch
 
     def weighted_average_(flat_grads, inbox):
         """The server's average, each worker's gradient weighted by its share of the global
@@ -150,47 +156,47 @@ def survive_server(comm, mode, train_epoch, flat_params, global_batch):
         else:
             weights = torch.tensor(shares, dtype=inbox.dtype, device=inbox.device) / global_batch
             flat_grads.copy_((weights[:, None] * inbox).sum(dim=0))
-        step_done(done, failures)  # the update that follows is local and cannot fail
+        step_done(done, survivors.failures)  # the update that follows is local and cannot fail
 
     def recover():
         step = survivors.bcast(done["step"], root=0)  # the server's count of updates
-        with utils.staged(flat_params) as buf:
+        with utils.staged(replica.flat_params) as buf:
             survivors.Bcast(buf, root=0)
         return step
 
-    return survivors, retrying(train_epoch, survivors, failures, done, weighted_average_, recover,
-                               fatal=(0, "the parameter server (rank 0)")), failures
+    parts.comm, parts.average_ = survivors, weighted_average_
+    parts.train_epoch = retrying(parts.train_epoch, survivors, done, recover,
+                                 fatal=(0, "the parameter server (rank 0)"))
 
 
-def survive_async(comm, train_epoch):
+def survive_async(parts):
     """dist_sgd_param_server.py --mode async or ssp: no step waits for every worker, so nothing
     is redone. The server notices a lost worker mid-epoch, gives the batch it was computing to
     another worker and goes on without it (extensions/async_ps.py); the other workers talk to
     the server only and never notice. At the epoch's end the survivors agree on whether anyone
     was lost, and if so shrink, before the script's evaluation and its collectives. A lost
     server ends the job, with a line that says how to restart."""
-    survivors, failures = ShrinkingComm(comm), []
+    survivors, train_epoch = ShrinkingComm(parts.comm), parts.train_epoch
 
-    def train_epoch_(*args, step, comm):
-        del comm  # the script's, the survivors' proxy itself
+    def train_epoch_(replica, train, plan, parts, epoch, step):
         try:
-            result = train_epoch(*args, step=step, comm=survivors)
-            complete = 0 if result[-1].get("lost") else 1  # only the server's record names the lost
+            out = train_epoch(replica, train, plan, parts, epoch, step)
+            complete = 0 if out["stats"].get("lost") else 1  # only the server's record names the lost
         except MPI.Exception as e:  # a worker's receive from the server failed: the server is lost
             if not lost_a_rank(e, survivors):
                 raise
-            result, complete = None, 0
+            out, complete = None, 0
         lost, t0 = shrink_unless_all_finished(survivors, complete, "the parameter server (rank 0)", "every worker",
                                               f"in the epoch that began at step {step}")
         if not lost:
-            return result
-        failures.append(dict(ranks=lost, step=result[0] if result else step, world_size=survivors.Get_size(),
-                             recovery_time=time.perf_counter() - t0))
+            return out
+        survivors.failures.append(dict(ranks=lost, step=out["step"] if out else step,
+                                       world_size=survivors.Get_size(), recovery_time=time.perf_counter() - t0))
         utils.print0(f"rank {', '.join(map(str, lost))} lost: the epoch ended without it; continuing on "
-                     f"{survivors.Get_size()} ranks ({failures[-1]['recovery_time']:.1f} s)")
-        return result
+                     f"{survivors.Get_size()} ranks ({survivors.failures[-1]['recovery_time']:.1f} s)", comm=survivors)
+        return out
 
-    return survivors, train_epoch_, failures
+    parts.comm, parts.train_epoch = survivors, train_epoch_
 
 
 def shrink_unless_all_finished(survivors, finished, server, others, when):
@@ -209,9 +215,9 @@ def shrink_unless_all_finished(survivors, finished, server, others, when):
     t0 = time.perf_counter()
     lost = survivors.shrink()
     if 0 in lost:
-        give_up(server, when)
+        give_up(server, when, survivors)
     if survivors.Get_size() < 2:
-        give_up(others, when)
+        give_up(others, when, survivors)
     leave_without_finalize(survivors)
     return lost, t0
 
@@ -225,20 +231,20 @@ def lost_ranks(error, comm):
     return set(MPI.Group.Translate_ranks(failed, list(range(failed.Get_size())), comm.Get_group()))
 
 
-def survive_clients(comm, federated_round, flat_params, algo, host):
-    """fed_avg.py: wrap federated_round so that a round in which a client rank is lost is redone
-    on the survivors, the lost rank's clients moved to them (`host`, client k's rank, is changed
+def survive_clients(parts, replica, fed):
+    """fed_avg.py: its Parts' federated_round, made to redo a round in which a client rank is lost
+    on the survivors, the lost rank's clients moved to them (`fed.host`, client k's rank, changes
     in place). A lost server ends the job, with a line that says how to restart."""
-    survivors, failures, interrupted = ShrinkingComm(comm), [], []
+    survivors, federated_round, interrupted = ShrinkingComm(parts.comm), parts.federated_round, []
+    algo, flat_params, host = parts.algorithm, replica.flat_params, fed.host
 
-    def federated_round_(*args, round_, comm):
-        del comm  # the script's, the survivors' proxy itself
+    def federated_round_(replica, train, fed, parts, clients, round_):
         server = survivors.Get_rank() == 0
         if server:  # what the round changes on the server, to put back if it is redone
             start = flat_params.clone(), {k: v.clone() for k, v in algo.state(survivors, [], host).items()}
         while True:
             try:
-                result, finished = federated_round(*args, round_=round_, comm=survivors), 1
+                result, finished = federated_round(replica, train, fed, parts, clients, round_), 1
             except MPI.Exception as e:
                 if not lost_a_rank(e, survivors):
                     raise
@@ -256,13 +262,13 @@ def survive_clients(comm, federated_round, flat_params, algo, host):
             if server:
                 flat_params.copy_(start[0])
                 algo.load_state_(start[1])
-            failures.append(dict(ranks=lost, round=round_ + 1, world_size=survivors.Get_size(), moved=moved,
-                                 recovery_time=time.perf_counter() - t0))
+            survivors.failures.append(dict(ranks=lost, round=round_ + 1, world_size=survivors.Get_size(),
+                                           moved=moved, recovery_time=time.perf_counter() - t0))
             utils.print0(f"rank {', '.join(map(str, lost))} lost in round {round_ + 1}: clients "
                          f"{', '.join(map(str, moved))} moved; redoing the round on {survivors.Get_size()} "
-                         f"ranks ({failures[-1]['recovery_time']:.1f} s)")
+                         f"ranks ({survivors.failures[-1]['recovery_time']:.1f} s)", comm=survivors)
 
-    return survivors, federated_round_, failures
+    parts.comm, parts.federated_round = survivors, federated_round_
 
 
 def move_clients_(host, lost, old_ranks):
@@ -287,10 +293,10 @@ def lost_a_rank(error, comm):
     return error.Get_error_class() == MPI.ERR_IN_STATUS and comm.Get_failed().Get_size() > 0
 
 
-def give_up(who, when):
-    """End the job: one line from the survivors' rank 0, and exit status 1 on every survivor.
-    Not through utils.fail: after an earlier recovery, exit_without_finalize would exit 0."""
-    if utils.RANK == 0:
+def give_up(who, when, comm):
+    """End the job: one line from the survivors' rank 0 (of `comm`), and exit status 1 on every
+    survivor. Not through utils.fail: after an earlier recovery, exit_without_finalize would exit 0."""
+    if comm.Get_rank() == 0:
         print(f"error: {who} was lost {when}: the run cannot go on without it. Restart from the last "
               "checkpoint: the same command with --checkpoint PATH --resume", file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -327,31 +333,28 @@ def step_done(done, failures):
         failures[-1]["next_step_at"] = time.time()  # the first step after a recovery
 
 
-def retrying(train_epoch, survivors, failures, done, weighted_average_, recover, fatal=None):
-    """train_epoch on the survivors, with `weighted_average_` for the gradients; when a rank is lost,
-    shrink, `recover()` the step to go on from, and go on. `fatal`: (rank, its name), a rank
-    whose loss ends the job."""
-    def train_epoch_(*args, step, comm, average_=None):
-        # `comm`, the script's, is the survivors' proxy itself. The script's `average_` gives
-        # way to the weighted one; check() has refused any other than the plain mean.
-        del comm, average_
+def retrying(train_epoch, survivors, done, recover, fatal=None):
+    """train_epoch on the survivors: when a rank is lost, shrink, `recover()` the step to go on
+    from, and go on from it. `fatal`: (rank, its name), a rank whose loss ends the job."""
+    def train_epoch_(replica, train, plan, parts, epoch, step):
         while True:
             done["step"] = step
             try:
-                return train_epoch(*args, step=step, comm=survivors, average_=weighted_average_)
+                return train_epoch(replica, train, plan, parts, epoch, step)
             except MPI.Exception as e:
                 if not lost_a_rank(e, survivors):
                     raise
             t0 = time.perf_counter()
             lost = survivors.shrink()
             if fatal and fatal[0] in lost:
-                give_up(fatal[1], f"at step {done['step']}")
+                give_up(fatal[1], f"at step {done['step']}", survivors)
             step = recover()
             leave_without_finalize(survivors)
-            failures.append(dict(ranks=lost, step=step, world_size=survivors.Get_size(),
-                                 recovery_time=time.perf_counter() - t0))
+            survivors.failures.append(dict(ranks=lost, step=step, world_size=survivors.Get_size(),
+                                           recovery_time=time.perf_counter() - t0))
             utils.print0(f"rank {', '.join(map(str, lost))} lost at step {step}: continuing on "
-                         f"{survivors.Get_size()} ranks ({failures[-1]['recovery_time']:.1f} s)")
+                         f"{survivors.Get_size()} ranks ({survivors.failures[-1]['recovery_time']:.1f} s)",
+                         comm=survivors)
     return train_epoch_
 
 

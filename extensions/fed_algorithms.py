@@ -6,8 +6,10 @@
     mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm fedrs --rs-alpha 0.5
     mpirun -n 5 python fed_avg.py --split-method non-iid --algorithm fedlc --lc-tau 1
 
-An algorithm is a class with five hooks, which fed_avg.py calls where each acts; FedAvg, the
-base, leaves every one of them as the assignment computes it (tests check it bit for bit):
+fed_avg.py's own class FedAvg holds the hooks of a round, which the script calls where each acts,
+as the assignment computes them. A variant (Variant, below) is built around that FedAvg once,
+before the loop (extensions.configure), and replaces some hooks; --algorithm fedavg replaces none
+(tests check it bit for bit). The hooks:
   downloads, uploads   tensors sent beside the global weights (down) and beside [sum n_k w_k,
                        sum n_k] (up), each by the script's own send_global_model_ and
                        reduce_weighted_sums_, so that utils.Traffic counts their bytes;
@@ -29,42 +31,26 @@ rank uploads the sum over the clients it ran, not each y_k.)
 import torch
 import torch.nn.functional as F
 
+import utils
+
 NUM_CLASSES = 10  # CIFAR-10's, and the synthetic set's
 CONTROL_TAG = 7  # SCAFFOLD's c_k on their way to the server's checkpoint copy
 
 
-class FedAvg:
-    """McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
-    Decentralized Data": the new global weights are the average; nothing else travels or persists."""
+class Variant:
+    """A FedAvg variant starts from the script's own hooks, `base` (fed_avg.FedAvg: McMahan et al.
+    2017), and replaces some of them; every hook it does not replace is FedAvg's."""
 
-    def __init__(self, args, flat_params, flat_grads, sizes):
-        self.args, self.params, self.grads, self.sizes = args, flat_params, flat_grads, sizes
-        self.downloads, self.uploads = [], []
+    def __init__(self, base):
+        self.base = base
+        self.args, self.params, self.grads, self.sizes = base.args, base.params, base.grads, base.sizes
+        self.downloads, self.uploads = base.downloads, base.uploads
 
-    def local_loss(self, k, labels):
-        return F.cross_entropy
-
-    def local_step(self, k, global_weights):
-        return plain_step
-
-    def client_done_(self, k, n_k, global_weights):
-        pass
-
-    def server_update_(self, flat_params, average):
-        flat_params.copy_(average)
-
-    def state(self, comm, clients, host):
-        return {}
-
-    def load_state_(self, state):
-        pass
+    def __getattr__(self, name):  # a hook this variant does not replace
+        return getattr(self.base, name)
 
 
-def plain_step(optimizer, lr):
-    optimizer.step()
-
-
-class FedProx(FedAvg):
+class FedProx(Variant):
     """Li et al. 2020, "Federated Optimization in Heterogeneous Networks" (FedProx): each client
     minimises its loss + (mu/2) ||w - w_global||^2, so its gradient gains mu (w - w_global), which
     then goes through the optimizer (momentum, weight decay) like the rest. mu = 0 is FedAvg."""
@@ -78,16 +64,16 @@ class FedProx(FedAvg):
         return proximal_step
 
 
-class FedAvgM(FedAvg):
+class FedAvgM(Variant):
     """Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution for Federated
     Visual Classification" (FedAvgM): server momentum on the averaged update,
         v = beta v + (old - average),   new = old - server_lr v.
     Written as new = average - (server_lr v - (old - average)), the same number in exact
     arithmetic, so that beta = 0 and server_lr = 1 give the average bit for bit (FedAvg)."""
 
-    def __init__(self, args, flat_params, flat_grads, sizes):
-        super().__init__(args, flat_params, flat_grads, sizes)
-        self.velocity = torch.zeros_like(flat_params)
+    def __init__(self, base):
+        super().__init__(base)
+        self.velocity = torch.zeros_like(self.params)
 
     def server_update_(self, flat_params, average):
         update = flat_params - average
@@ -102,7 +88,7 @@ class FedAvgM(FedAvg):
             self.velocity.copy_(state["velocity"])
 
 
-class Scaffold(FedAvg):
+class Scaffold(Variant):
     """Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated
     Learning", Algorithm 1 with option II. The server sends its control variate c beside the
     weights x; client k takes its steps and then moves by -lr (c - c_k) (after the optimizer
@@ -114,10 +100,10 @@ class Scaffold(FedAvg):
     Every round each client rank receives 2P floats and sends 2P + 1: twice FedAvg's bytes.
     """
 
-    def __init__(self, args, flat_params, flat_grads, sizes):
-        super().__init__(args, flat_params, flat_grads, sizes)
-        self.control = torch.zeros_like(flat_params)          # c: the server's, or its copy on a client
-        self.delta_sum = torch.zeros_like(flat_params)        # sum n_k (c_k+ - c_k)
+    def __init__(self, base):
+        super().__init__(base)
+        self.control = torch.zeros_like(self.params)          # c: the server's, or its copy on a client
+        self.delta_sum = torch.zeros_like(self.params)        # sum n_k (c_k+ - c_k)
         self.downloads, self.uploads = [self.control], [self.delta_sum]
         self.client_controls = {}                              # c_k of the clients hosted here
         self.all_controls = None                               # the server's copy, for checkpoints
@@ -218,6 +204,34 @@ FLAGS = {"prox_mu": {"fedprox": 0.01},
          "server_momentum": {"fedavgm": 0.9, "fedrs": 0.0, "fedlc": 0.0},
          "server_lr": {"fedavgm": 1.0, "scaffold": 1.0, "fedrs": 1.0, "fedlc": 1.0},
          "rs_alpha": {"fedrs": 0.5}, "lc_tau": {"fedlc": 1.0}}
+
+
+TITLE = "FedAvg variants (extensions/fed_algorithms.py)"
+
+
+def add_flags(parser):
+    """--algorithm and the knobs of the variants; each knob's default depends on the algorithm
+    (check fills it in), so that a knob the algorithm would ignore can be refused."""
+    parser.add_argument("--algorithm", choices=("fedavg", *VARIANTS), default="fedavg",
+                        help="fedavg (McMahan et al. 2017), fedprox (Li et al. 2020), fedavgm (Hsu et al. "
+                             "2019), scaffold (Karimireddy et al. 2020), fedrs (Li and Zhan 2021) or fedlc "
+                             "(Zhang et al. 2022)")
+    parser.add_argument("--prox-mu", type=float, default=None,
+                        help="fedprox: mu of (mu/2)||w - w_global||^2; default 0.01")
+    parser.add_argument("--server-momentum", type=float, default=None,
+                        help="fedavgm: server momentum, default 0.9; fedrs, fedlc: default 0")
+    parser.add_argument("--server-lr", type=float, default=None,
+                        help="fedavgm, scaffold, fedrs, fedlc: server lr; default 1")
+    parser.add_argument("--rs-alpha", type=float, default=None,
+                        help="fedrs: scale of the logits of a client's missing classes; default 0.5")
+    parser.add_argument("--lc-tau", type=float, default=None,
+                        help="fedlc: tau of the calibration logit_c - tau n_c^(-1/4); default 1")
+
+
+def check(args, world_size, script):
+    error = check_args(args)
+    if error:
+        utils.fail(error)
 
 
 def check_args(args):

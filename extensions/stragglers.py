@@ -46,6 +46,9 @@ def parse_straggler(text):
     return rank, factor
 
 
+TITLE = "stragglers, for experiments (extensions/stragglers.py)"
+
+
 def add_flags(parser):
     """--straggler and --straggler-wait, the same in every script that takes them."""
     parser.add_argument("--straggler", type=parse_straggler, default=None, metavar="RANK:FACTOR",
@@ -55,8 +58,9 @@ def add_flags(parser):
                         help="how the straggler waits: sleep frees its core, busy spins on it")
 
 
-def check(args, world_size, first=0):
-    """Refuse a straggler rank outside first..world_size-1 (call it on every rank)."""
+def check(args, world_size, script):
+    """Refuse a straggler rank outside the script's computing ranks (call it on every rank)."""
+    first = 1 if script == "dist_sgd_param_server" else 0  # rank 0 is the server
     if args.straggler and not first <= args.straggler[0] < world_size:
         utils.fail(f"--straggler rank {args.straggler[0]} is not one of the ranks {first}..{world_size - 1}"
                    + (" (rank 0 is the server)" if first else ""))

@@ -23,18 +23,28 @@ ROLES = {
 def functions(path):
     with open(os.path.join(ROOT, path)) as f:
         tree = ast.parse(f.read())
-    return {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
-            if isinstance(node, ast.FunctionDef)}
+    return {node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_main_is_wiring_and_every_function_fits_a_screen(script):
-    lengths = functions(script)
-    assert lengths["main"] <= 80, f"{script}: main() has {lengths['main']} lines"
+    nodes = functions(script)
+    lengths = {name: node.end_lineno - node.lineno + 1 for name, node in nodes.items()}
+    assert lengths["main"] <= 60, f"{script}: main() has {lengths['main']} lines"
     too_long = {name: n for name, n in lengths.items() if n > 60 and name != "main"}
     assert not too_long, f"{script}: functions over 60 lines: {too_long}"
     missing = ROLES[script] - set(lengths)
     assert not missing, f"{script} lacks the role functions {missing}"
+    many = {name: len(node.args.args) + len(node.args.kwonlyargs) for name, node in nodes.items()}
+    many = {name: n for name, n in many.items() if n > 6}
+    assert not many, f"{script}: functions of more than 6 parameters (put what goes together in a record): {many}"
+
+
+@pytest.mark.parametrize("path", [*SCRIPTS, "utils.py"])
+def test_no_line_runs_past_100_characters(path):
+    with open(os.path.join(ROOT, path)) as f:
+        long = [i for i, line in enumerate(f.read().splitlines(), 1) if len(line) > 100]
+    assert not long, f"{path}: lines over 100 characters: {long}"
 
 
 # one idiom kept together: how a tensor meets MPI (staged, and the buffers only MPI touches)
@@ -112,3 +122,17 @@ def test_every_relative_link_reaches_a_file_and_heading(page):
             if fragment not in headings:
                 broken.append(target)
     assert not broken, f"{page}: links that reach nothing: {broken}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS[1:])
+def test_help_shows_the_assignments_flags_before_each_features_group(script):
+    """Each feature's flags sit in a --help group of their own, after the assignment's."""
+    import extensions
+    from mpi import python
+    text = python(script, "--help", timeout=60).stdout
+    groups = [m.start() for m in re.finditer(r"^beyond the assignment: ", text, re.M)]
+    name = script[:-len(".py")]
+    assert len(groups) == len(extensions.FEATURES[name]), text
+    assert text.index("--batch-size") < groups[0] and text.index("--seed") < groups[0], text
+    for feature, start in zip(extensions.FEATURES[name], groups):
+        assert text[start:].startswith(f"beyond the assignment: {feature.TITLE}"), text[start:start + 120]

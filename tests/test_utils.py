@@ -270,13 +270,13 @@ def test_training_draws_nothing_from_the_global_rngs_so_checkpoints_need_not_sav
     import cent_sgd
     (x, y), _ = utils.make_synthetic(seed=0, n_train=256, n_test=10)
     args = argparse.Namespace(seed=0, batch_size=32, lr=0.05, warmup=0.2, momentum=0.9, weight_decay=5e-4,
-                              clip_norm=utils.CLIP_NORM)
+                              clip_norm=utils.CLIP_NORM, epochs=2, max_steps=None)
     finals = []
     for global_seed in (1, 2):
         utils.seed_everything(global_seed)
         model = utils.make_model(torch.device("cpu"), seed=0)
         utils.seed_everything(global_seed)
-        cent_sgd.train_epoch(model, utils.make_optimizer(model.parameters(), args), (x, y), 1, 0, 8, args)
+        cent_sgd.train_epoch(model, utils.make_optimizer(model.parameters(), args), (x, y), args, 1, 8)
         finals.append(utils.parameters_vector(model))
     assert torch.equal(*finals)
     utils.save_checkpoint(fake_args(tmp_path), 1, model, None, {"epoch": 1})
