@@ -32,13 +32,13 @@ client clips its own. The lr follows a one-cycle schedule over each client's loc
 the run. Results go to results/fed_avg_<split>.json, the split's plot to
 figures/data_distribution_<split>.png.
 
-Beyond the assignment, through one hook each: --algorithm fedprox|fedavgm|scaffold|fedrs|fedlc
-picks a variant from extensions/fed_algorithms.py, which may amend the client's loss and step,
-send more beside the weights, and set the new global weights otherwise than the average;
---measure-drift records each client rank's model against the global one each round
-(extensions/drift.py); --elastic goes on without a client rank that dies, its clients moved to
-the others (extensions/elastic.py).
-With the defaults (fedavg, no drift) the script computes what it computed without them, bit for bit.
+Beyond the assignment, each through the script's Parts (extensions.configure):
+--algorithm fedprox|fedavgm|scaffold|fedrs|fedlc builds a variant around FedAvg's hooks
+(extensions/fed_algorithms.py), which may amend the client's loss and step, send more beside the
+weights, and set the new global weights otherwise than the average; --measure-drift records each
+client rank's model against the global one each round (extensions/drift.py); --elastic goes on
+without a client rank that dies, its clients moved to the others (extensions/elastic.py). With
+the defaults (fedavg, no drift) the script computes what it computed without them, bit for bit.
 """
 import argparse
 import dataclasses

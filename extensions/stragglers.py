@@ -12,8 +12,9 @@ with fewer cores than ranks speeds the other ranks up; `busy` spins on the core 
 a truly slower worker would occupy it. This is a measurement tool, not a model of any
 particular hardware.
 
-The hook: `slowdown(args, rank, device)` returns a context manager factory; a script wraps
-its training step in `with straggle():`. With no --straggler, or on any other rank, it is
+The seam: `slowdown(args, rank, device)` returns a context manager factory, which
+extensions.configure puts in the script's Parts (`straggle`); a step's compute runs in
+`with parts.straggle():`. With no --straggler, or on any other rank, it is
 contextlib.nullcontext, so nothing is timed and nothing changes.
 """
 import argparse
