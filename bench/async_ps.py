@@ -272,6 +272,30 @@ def run_configs(out, skip=("longer",)):
 def render(record, out, md_path, fig_path):
     rows, same_time = summarize(record, out)
     sync = {row["straggler"]: row["samples_per_s"] for row in rows if row["mode"] == "sync"}
+    lines = straggler_table(record, out, rows, same_time, sync)
+    lines += probe_lines(out)
+    table, longer_gap = longer_lines(out)
+    lines += table
+    lines += unclipped_lines(out)
+    by = {(row["mode"], row["straggler"]): row for row in rows}
+    means = seed_means(out, by)
+    if means:
+        lines += ["", "Seeds (`--seeds`), no straggler: the same runs with other seeds (seed 0 is the table's).",
+                  "", "| run | " + " | ".join(f"seed {s}" for s in (0, *SEEDS)) + " | mean |",
+                  "|---|" + "---|" * (len(SEEDS) + 2)]
+        lines += [f"| {mode} | " + " | ".join(f"{a:.2f}%" for a in accs) + f" | {mean:.2f}% |"
+                  for mode, (accs, mean) in means.items()]
+    lines += lost_table(out)
+    lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
+    lines += throughput_goals(by, sync) + accuracy_goals(by, sync, means, longer_gap)
+    lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in record["runs"]]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(rows, fig_path)
+
+
+def straggler_table(record, out, rows, same_time, sync):
+    """The page's title and its first table: one row per run of async.json."""
     meta = record["meta"]
     epochs = meta.get("epochs")
     ran = {(run["straggler"], run["mode"]) for run in record["runs"]}
@@ -300,74 +324,108 @@ def render(record, out, md_path, fig_path):
     if record["meta"].get("epochs") == 1:
         lines += ["", "Each run is one epoch with one test at its end, so the last column has a value only for "
                   "the runs that ended within the fastest run's time."]
+    return lines
+
+
+def probe_lines(out):
+    """The --probes table, if its records exist."""
     probes = sorted(glob.glob(os.path.join(out, "probes", "*.json")))
-    if probes:
-        lines += ["", "Probes (`--probes`), without a straggler: the async runs that picked async-m0.6-lr0.025's "
-                  "lr and momentum on test accuracy, and four of async-dana around its default (lr 0.025, "
-                  "momentum 0.9), which it keeps:", "", "| mode | lr | momentum | test acc |", "|---|---|---|---|"]
-        for path in probes:
-            with open(path) as f:
-                r = json.load(f)
-            lines.append(f"| async{'-dana' if r['config'].get('dana') else ''} | {r['config']['lr']:g} | "
-                         f"{r['config']['momentum']:g} | {r['final_test_acc']:.2f}% |")
-    longer_gap = None  # (epochs, sync's lead over the better async, in the mean of the seeds)
+    if not probes:
+        return []
+    lines = ["", "Probes (`--probes`), without a straggler: the async runs that picked async-m0.6-lr0.025's "
+             "lr and momentum on test accuracy, and four of async-dana around its default (lr 0.025, "
+             "momentum 0.9), which it keeps:", "", "| mode | lr | momentum | test acc |", "|---|---|---|---|"]
+    for path in probes:
+        with open(path) as f:
+            r = json.load(f)
+        lines.append(f"| async{'-dana' if r['config'].get('dana') else ''} | {r['config']['lr']:g} | "
+                     f"{r['config']['momentum']:g} | {r['final_test_acc']:.2f}% |")
+    return lines
+
+
+def longer_lines(out):
+    """The --longer tables, one per number of epochs run, and (epochs, sync's lead over the better
+    async in the mean of the seeds) of the last one run with every seed, or None."""
+    lines, longer_gap = [], None
     for path in sorted(glob.glob(os.path.join(out, "longer", f"{LONGER[0]}_*ep.json"))):
-        by_mode = {}  # mode: [its history with seed 0, 1, ...], while every seed's record exists
-        for mode in LONGER:
-            mode_path = path.replace(f"{os.sep}{LONGER[0]}_", f"{os.sep}{mode}_")
-            for seed_path in [mode_path] + [mode_path.replace(".json", f"_seed{s}.json") for s in SEEDS]:
-                if not os.path.exists(seed_path):
-                    break
-                with open(seed_path) as f:
-                    by_mode.setdefault(mode, []).append(json.load(f)["history"])
-        epochs_, others = len(by_mode[LONGER[0]][0]), [m for m in LONGER[1:] if m in by_mode]
-        seeded = all(len(by_mode[m]) == len(SEEDS) + 1 for m in [LONGER[0], *others])
-        configs = [r["config"] for r in map(load, glob.glob(os.path.join(out, "longer", f"*_{epochs_}ep*.json")))]
-        lines += ["", f"Longer runs (`--longer {epochs_}`), no straggler: test accuracy after each epoch of "
-                  f"{epochs_}-epoch runs (the lr schedule spans the {epochs_} epochs); the gap is sync's lead"
-                  + (f". Seed 0, then the mean of seeds 0, {', '.join(map(str, SEEDS))} (`--seeds`). " if seeded
-                     else ". ") + recipe(configs), "",
-                  "| epoch | " + " | ".join([LONGER[0]] + [f"{m} | gap, points" for m in others]) + " |",
-                  "|---|" + "---|---|" * len(others) + "---|"]
-        # seed 0's runs; then, with every seed's, their mean
-        for label, n in [("", 1)] + [(f", mean of {len(SEEDS) + 1} seeds", len(SEEDS) + 1)] * seeded:
-            for i in range(epochs_):
-                acc = {m: sum(h[i]["test_acc"] for h in by_mode[m][:n]) / n for m in [LONGER[0], *others]}
-                cells = [f"{acc[LONGER[0]]:.2f}%"] + [f"{acc[m]:.2f}% | {acc[LONGER[0]] - acc[m]:+.2f}" for m in others]
-                lines.append(f"| {i + 1}{label} | " + " | ".join(cells) + " |")
-            if n > 1:
-                longer_gap = epochs_, acc[LONGER[0]] - max(acc[m] for m in others)
-        if seeded:  # each seed's end, and which leads exceed the seeds' spread (the ranges do not overlap)
-            ends = {m: [h[-1]["test_acc"] for h in by_mode[m]] for m in [LONGER[0], *others]}
-            lo, hi = {m: min(a) for m, a in ends.items()}, {m: max(a) for m, a in ends.items()}
-            lines += ["", f"After epoch {epochs_}, each seed (0, {', '.join(map(str, SEEDS))}): "
-                      + "; ".join(f"{m} " + ", ".join(f"{a:.2f}%" for a in ends[m]) + f" (range {lo[m]:.2f}–{hi[m]:.2f})"
-                                  for m in ends) + ". "
-                      + " ".join(f"Sync's lead over {m}, {sum(ends[LONGER[0]]) / len(ends[m]) - sum(ends[m]) / len(ends[m]):+.2f} "
-                                 "points on the means, " + ("exceeds the seeds' spread (the ranges do not overlap)."
-                                 if lo[LONGER[0]] > hi[m] or hi[LONGER[0]] < lo[m] else "is within the seeds' spread "
-                                 "(the ranges overlap).") for m in others)]
-        for rerun in sorted(glob.glob(os.path.join(out, "longer", "rerun", f"*_{epochs_}ep.json"))):
-            with open(rerun) as f:
-                again = json.load(f)
-            mode = os.path.basename(rerun)[:-len(f"_{epochs_}ep.json")]
-            lines += ["", f"Seeds 1 and 2 of these runs ran in a later session than seed 0, on another host. The "
-                      f"seed-0 {mode} run again there, "
-                      f"with the same command (record in `longer/rerun/`): "
-                      + ", ".join(f"{h['test_acc']:.2f}%" for h in again["history"])
-                      + " after each epoch, against the table's "
-                      + ", ".join(f"{h['test_acc']:.2f}%" for h in by_mode[mode][0]) + "."]
-    lines += unclipped_lines(out)
-    by = {(row["mode"], row["straggler"]): row for row in rows}
-    means = seed_means(out, by)
-    if means:
-        lines += ["", "Seeds (`--seeds`), no straggler: the same runs with other seeds (seed 0 is the table's).",
-                  "", "| run | " + " | ".join(f"seed {s}" for s in (0, *SEEDS)) + " | mean |",
-                  "|---|" + "---|" * (len(SEEDS) + 2)]
-        lines += [f"| {mode} | " + " | ".join(f"{a:.2f}%" for a in accs) + f" | {mean:.2f}% |"
-                  for mode, (accs, mean) in means.items()]
-    lines += lost_table(out)
-    lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
+        table, gap = longer_table(out, path)
+        lines += table
+        longer_gap = gap or longer_gap
+    return lines, longer_gap
+
+
+def longer_histories(path):
+    """{mode: [its history with seed 0, 1, ...]} of the --longer runs of sync's record `path`, while
+    every seed's record exists."""
+    by_mode = {}
+    for mode in LONGER:
+        mode_path = path.replace(f"{os.sep}{LONGER[0]}_", f"{os.sep}{mode}_")
+        for seed_path in [mode_path] + [mode_path.replace(".json", f"_seed{s}.json") for s in SEEDS]:
+            if not os.path.exists(seed_path):
+                break
+            with open(seed_path) as f:
+                by_mode.setdefault(mode, []).append(json.load(f)["history"])
+    return by_mode
+
+
+def longer_table(out, path):
+    """The accuracy after each epoch of the --longer runs of sync's record `path`, and (epochs, sync's
+    lead) if every seed ran, else None."""
+    by_mode, longer_gap = longer_histories(path), None
+    epochs_, others = len(by_mode[LONGER[0]][0]), [m for m in LONGER[1:] if m in by_mode]
+    seeded = all(len(by_mode[m]) == len(SEEDS) + 1 for m in [LONGER[0], *others])
+    configs = [r["config"] for r in map(load, glob.glob(os.path.join(out, "longer", f"*_{epochs_}ep*.json")))]
+    lines = ["", f"Longer runs (`--longer {epochs_}`), no straggler: test accuracy after each epoch of "
+             f"{epochs_}-epoch runs (the lr schedule spans the {epochs_} epochs); the gap is sync's lead"
+             + (f". Seed 0, then the mean of seeds 0, {', '.join(map(str, SEEDS))} (`--seeds`). " if seeded
+                else ". ") + recipe(configs), "",
+             "| epoch | " + " | ".join([LONGER[0]] + [f"{m} | gap, points" for m in others]) + " |",
+             "|---|" + "---|---|" * len(others) + "---|"]
+    # seed 0's runs; then, with every seed's, their mean
+    for label, n in [("", 1)] + [(f", mean of {len(SEEDS) + 1} seeds", len(SEEDS) + 1)] * seeded:
+        for i in range(epochs_):
+            acc = {m: sum(h[i]["test_acc"] for h in by_mode[m][:n]) / n for m in [LONGER[0], *others]}
+            cells = [f"{acc[LONGER[0]]:.2f}%"] + [f"{acc[m]:.2f}% | {acc[LONGER[0]] - acc[m]:+.2f}" for m in others]
+            lines.append(f"| {i + 1}{label} | " + " | ".join(cells) + " |")
+        if n > 1:
+            longer_gap = epochs_, acc[LONGER[0]] - max(acc[m] for m in others)
+    if seeded:
+        lines += longer_spread_lines(by_mode, others, epochs_)
+    return lines + longer_rerun_lines(out, by_mode, epochs_), longer_gap
+
+
+def longer_spread_lines(by_mode, others, epochs_):
+    """Each seed's end, and which leads exceed the seeds' spread (the ranges do not overlap)."""
+    ends = {m: [h[-1]["test_acc"] for h in by_mode[m]] for m in [LONGER[0], *others]}
+    lo, hi = {m: min(a) for m, a in ends.items()}, {m: max(a) for m, a in ends.items()}
+    return ["", f"After epoch {epochs_}, each seed (0, {', '.join(map(str, SEEDS))}): "
+            + "; ".join(f"{m} " + ", ".join(f"{a:.2f}%" for a in ends[m]) + f" (range {lo[m]:.2f}–{hi[m]:.2f})"
+                        for m in ends) + ". "
+            + " ".join(f"Sync's lead over {m}, {sum(ends[LONGER[0]]) / len(ends[m]) - sum(ends[m]) / len(ends[m]):+.2f} "
+                       "points on the means, " + ("exceeds the seeds' spread (the ranges do not overlap)."
+                       if lo[LONGER[0]] > hi[m] or hi[LONGER[0]] < lo[m] else "is within the seeds' spread "
+                       "(the ranges overlap).") for m in others)]
+
+
+def longer_rerun_lines(out, by_mode, epochs_):
+    """The seed-0 runs run again on a later session's host (longer/rerun/), beside the table's."""
+    lines = []
+    for rerun in sorted(glob.glob(os.path.join(out, "longer", "rerun", f"*_{epochs_}ep.json"))):
+        with open(rerun) as f:
+            again = json.load(f)
+        mode = os.path.basename(rerun)[:-len(f"_{epochs_}ep.json")]
+        lines += ["", f"Seeds 1 and 2 of these runs ran in a later session than seed 0, on another host. The "
+                  f"seed-0 {mode} run again there, "
+                  f"with the same command (record in `longer/rerun/`): "
+                  + ", ".join(f"{h['test_acc']:.2f}%" for h in again["history"])
+                  + " after each epoch, against the table's "
+                  + ", ".join(f"{h['test_acc']:.2f}%" for h in by_mode[mode][0]) + "."]
+    return lines
+
+
+def throughput_goals(by, sync):
+    """The goals' rows of samples/s under a 3x straggler: async against sync, ssp between them."""
+    lines = []
     for s in ("sleep3", "busy3"):
         if any((m, s) in by for m in ASYNC):
             best = max(by[m, s]["samples_per_s"] or 0 for m in ASYNC if (m, s) in by)
@@ -379,6 +437,13 @@ def render(record, out, md_path, fig_path):
                     r = by[m, s]["samples_per_s"] / sync[s]
                     lines.append(f"| {m} samples/s vs sync, 3x straggler ({s}) | between 1x and async's {ratio:.2f}x | "
                                  f"{r:.2f}x | {'yes' if 1 < r < ratio else 'no'} |")
+    return lines
+
+
+def accuracy_goals(by, sync, means, longer_gap):
+    """The goals' rows of sync's accuracy lead over the better async: per straggler setting, on the
+    seeds' means, and after the --longer runs."""
+    lines = []
     for s in sync:
         accs = [by[m, s]["acc"] for m in ASYNC if (m, s) in by and by[m, s]["acc"] is not None]
         if accs:
@@ -396,10 +461,7 @@ def render(record, out, md_path, fig_path):
         lines.append(f"| async accuracy vs sync after {epochs_} epochs (none), mean of {len(SEEDS) + 1} seeds: sync "
                      f"minus the better async, points | <= {TARGETS['async_accuracy_points']} | {gap:+.2f} | "
                      f"{'yes' if gap <= TARGETS['async_accuracy_points'] else 'no'} |")
-    lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in record["runs"]]
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    plot(rows, fig_path)
+    return lines
 
 
 def load(path):

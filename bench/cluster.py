@@ -330,6 +330,30 @@ def main():
     if len(sys.argv) > 2 and sys.argv[1] == "agent":  # mpirun's rsh agent: no argparse, ssh's syntax
         agent(sys.argv[2], sys.argv[3:])
         return
+    parser = make_parser()
+    args = parser.parse_args()
+
+    reason = None if args.action == "down" else can_create()
+    if reason:
+        sys.exit(f"cannot emulate a cluster here: {reason}")
+
+    if args.action == "down":
+        tear_down(args.state)
+        return
+
+    cluster = Cluster(args.hosts, args.rate)
+    with signals_raise():
+        if args.action == "up":
+            bring_up(cluster, args.state)
+            return
+
+        program = args.program[1:] if args.program[:1] == ["--"] else args.program
+        if not program:
+            parser.error("run: give the program after --, e.g. -- dist_sgd_serverless.py --dataset synthetic")
+        sys.exit(run_program(cluster, program, args.slots, args.timeout))
+
+
+def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
@@ -347,51 +371,48 @@ def main():
                            help="after --: a script (run under this Python) and its flags")
     p = sub.add_parser("down", help="tear down a cluster made by `up`")
     p.add_argument("--state", required=True, help="the state file that `up` wrote")
-    args = parser.parse_args()
+    return parser
 
-    reason = None if args.action == "down" else can_create()
-    if reason:
-        sys.exit(f"cannot emulate a cluster here: {reason}")
 
-    if args.action == "down":
-        with open(args.state) as f:
-            Cluster(0, state=json.load(f)).down()
-        os.remove(args.state)
-        print(f"removed the cluster of {args.state}")
-        return
+def bring_up(cluster, state_path):
+    """`up`: create the hosts, write their state to `state_path` (default: a new /tmp file), and
+    print how to run across them and how to tear them down."""
+    try:
+        cluster.up()
+        path = state_path or os.path.join(tempfile.gettempdir(), f"hw5-cluster-{cluster.state['tag']}.json")
+        with open(path, "w") as f:
+            json.dump(cluster.state, f, indent=1)
+    except BaseException:
+        cluster.down()
+        raise
+    s = cluster.state
+    print(f"{s['hosts']} hosts on {s['subnet']} ({', '.join(s['addrs'])}), "
+          f"links {s['rate'] or 'unshaped'}; state in {path}")
+    print("run across them (from the repo root):")
+    print("  " + shlex.join(cluster.mpirun_args()[:-2] + ["-n", str(s["hosts"]), "python", "SCRIPT.py"]))
+    print(f"tear down:\n  python bench/cluster.py down --state {path}")
 
-    cluster = Cluster(args.hosts, args.rate)
-    with signals_raise():
-        if args.action == "up":
-            try:
-                cluster.up()
-                path = args.state or os.path.join(tempfile.gettempdir(), f"hw5-cluster-{cluster.state['tag']}.json")
-                with open(path, "w") as f:
-                    json.dump(cluster.state, f, indent=1)
-            except BaseException:
-                cluster.down()
-                raise
-            s = cluster.state
-            print(f"{s['hosts']} hosts on {s['subnet']} ({', '.join(s['addrs'])}), "
-                  f"links {s['rate'] or 'unshaped'}; state in {path}")
-            print("run across them (from the repo root):")
-            print("  " + shlex.join(cluster.mpirun_args()[:-2] + ["-n", str(s["hosts"]), "python", "SCRIPT.py"]))
-            print(f"tear down:\n  python bench/cluster.py down --state {path}")
-            return
 
-        program = args.program[1:] if args.program[:1] == ["--"] else args.program
-        if not program:
-            parser.error("run: give the program after --, e.g. -- dist_sgd_serverless.py --dataset synthetic")
-        with cluster:
-            s = cluster.state
-            print(f"cluster: {s['hosts']} hosts on {s['subnet']} ({s['ns'][0][:-1]}1..{s['hosts']}), "
-                  f"links {s['rate'] or 'unshaped'}", flush=True)
-            t0 = time.perf_counter()
-            proc = cluster.mpirun(*program, slots=args.slots, timeout=args.timeout, capture=False)
-            for row in cluster.link_bytes() if s["rate"] else []:
-                print(f"{row['host']}: sent {row['up']:,} B, received {row['down']:,} B (tc)")
-            print(f"cluster: mpirun exited {proc.returncode} after {time.perf_counter() - t0:.1f} s", flush=True)
-        sys.exit(proc.returncode)
+def run_program(cluster, program, slots, timeout):
+    """`run`: create the hosts, run `program` across them, tear down; returns mpirun's exit status."""
+    with cluster:
+        s = cluster.state
+        print(f"cluster: {s['hosts']} hosts on {s['subnet']} ({s['ns'][0][:-1]}1..{s['hosts']}), "
+              f"links {s['rate'] or 'unshaped'}", flush=True)
+        t0 = time.perf_counter()
+        proc = cluster.mpirun(*program, slots=slots, timeout=timeout, capture=False)
+        for row in cluster.link_bytes() if s["rate"] else []:
+            print(f"{row['host']}: sent {row['up']:,} B, received {row['down']:,} B (tc)")
+        print(f"cluster: mpirun exited {proc.returncode} after {time.perf_counter() - t0:.1f} s", flush=True)
+    return proc.returncode
+
+
+def tear_down(state_path):
+    """`down`: tear down the cluster whose state `up` wrote to `state_path`, and remove that file."""
+    with open(state_path) as f:
+        Cluster(0, state=json.load(f)).down()
+    os.remove(state_path)
+    print(f"removed the cluster of {state_path}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ CHECK_STEPS, TOLERANCE = 3, 1e-5
 
 def build(variant, comm, lr, momentum, weight_decay):
     """A fresh model and its step(x, y, flip) for one variant; step returns its seconds in communication."""
-    world_size = comm.Get_size()
     model = utils.make_model(torch.device("cpu"), seed=0)
     if variant == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -50,88 +49,117 @@ def build(variant, comm, lr, momentum, weight_decay):
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
                                 weight_decay=weight_decay)
-
     if variant in ("serverless", "skip"):
-        def step(x, y, flip):
-            flat_grads.zero_()
-            utils.train_step(model, x, y, flip)
-            t = time.perf_counter()
-            if variant == "serverless":
-                ALLREDUCE["mpi"](flat_grads.numpy(), comm)
-                flat_grads.div_(world_size)
-            t = time.perf_counter() - t
-            utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
-            optimizer.step()
-            return t
-
+        step = flat_step(model, optimizer, flat_grads, comm, reduce=variant == "serverless")
     elif variant == "ddp":
-        def step(x, y, flip):
-            optimizer.zero_grad()
-            utils.train_step(model, x, y, flip)  # DDP all-reduces inside backward
-            utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
-            optimizer.step()
-            return 0.0
-
+        step = ddp_step(model, optimizer)
     elif variant == "copy":
-        sizes = [p.numel() for p in params]
-
-        def step(x, y, flip):
-            optimizer.zero_grad()
-            utils.train_step(model, x, y, flip)
-            t = time.perf_counter()
-            flat = torch.cat([p.grad.reshape(-1) for p in params])  # pack: one copy
-            comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
-            flat.div_(world_size)
-            for p, g in zip(params, flat.split(sizes)):  # unpack: another copy
-                p.grad.copy_(g.view(p.shape))
-            t = time.perf_counter() - t
-            utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
-            optimizer.step()
-            return t
-
+        step = copy_step(model, optimizer, params, comm)
     else:  # overlap
-        # Backward produces grads last layer first, so walk the parameters in reverse and
-        # close a bucket once it holds >= 25% of P (DDP's rule, with its cap scaled down):
-        # each bucket is then a contiguous slice of the flat gradient.
-        offsets = np.cumsum([0] + [p.numel() for p in params])
-        buckets, members, hi = [], [], len(flat_grads)
-        bucket_of = {}
-        for i in reversed(range(len(params))):
-            members.append(params[i])
-            if hi - offsets[i] >= len(flat_grads) // 4 or i == 0:
-                for p in members:
-                    bucket_of[p] = len(buckets)
-                buckets.append((flat_grads[offsets[i]:hi].numpy(), len(members)))
-                members, hi = [], offsets[i]
-        pending, requests = [0] * len(buckets), []
-
-        def hook(p):  # runs inside backward, right after p.grad was accumulated
-            b = bucket_of[p]
-            pending[b] -= 1
-            if pending[b] == 0:  # same order on every rank, as collectives require
-                requests.append(comm.Iallreduce(MPI.IN_PLACE, buckets[b][0], op=MPI.SUM))
-
-        for p in params:
-            p.register_post_accumulate_grad_hook(hook)
-
-        def step(x, y, flip):
-            flat_grads.zero_()
-            pending[:] = [n for _, n in buckets]
-            requests.clear()
-            utils.train_step(model, x, y, flip)
-            t = time.perf_counter()
-            MPI.Request.Waitall(requests)
-            flat_grads.div_(world_size)
-            t = time.perf_counter() - t
-            utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
-            optimizer.step()
-            return t
-
+        step = overlap_step(model, optimizer, params, flat_grads, comm)
     inner = model.module if variant == "ddp" else model
     return inner, step
 
 
-def main():
+def flat_step(model, optimizer, flat_grads, comm, reduce):
+    """serverless (reduce) and skip (not): the grads are views of flat_grads, all-reduced in one call."""
+    world_size = comm.Get_size()
+
+    def step(x, y, flip):
+        flat_grads.zero_()
+        utils.train_step(model, x, y, flip)
+        t = time.perf_counter()
+        if reduce:
+            ALLREDUCE["mpi"](flat_grads.numpy(), comm)
+            flat_grads.div_(world_size)
+        t = time.perf_counter() - t
+        utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
+        optimizer.step()
+        return t
+    return step
+
+
+def ddp_step(model, optimizer):
+    """ddp: the model is DDP's, which all-reduces the grads in buckets inside backward."""
+    def step(x, y, flip):
+        optimizer.zero_grad()
+        utils.train_step(model, x, y, flip)  # DDP all-reduces inside backward
+        utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
+        optimizer.step()
+        return 0.0
+    return step
+
+
+def copy_step(model, optimizer, params, comm):
+    """The grads where autograd left them: packed into one buffer, all-reduced, unpacked."""
+    world_size = comm.Get_size()
+    sizes = [p.numel() for p in params]
+
+    def step(x, y, flip):
+        optimizer.zero_grad()
+        utils.train_step(model, x, y, flip)
+        t = time.perf_counter()
+        flat = torch.cat([p.grad.reshape(-1) for p in params])  # pack: one copy
+        comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+        flat.div_(world_size)
+        for p, g in zip(params, flat.split(sizes)):  # unpack: another copy
+            p.grad.copy_(g.view(p.shape))
+        t = time.perf_counter() - t
+        utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
+        optimizer.step()
+        return t
+    return step
+
+
+def overlap_step(model, optimizer, params, flat_grads, comm):
+    """DDP's idea by hand: a hook starts a bucket's Iallreduce inside backward once its last grad is in."""
+    world_size = comm.Get_size()
+    buckets, bucket_of = gradient_buckets(params, flat_grads)
+    pending, requests = [0] * len(buckets), []
+
+    def hook(p):  # runs inside backward, right after p.grad was accumulated
+        b = bucket_of[p]
+        pending[b] -= 1
+        if pending[b] == 0:  # same order on every rank, as collectives require
+            requests.append(comm.Iallreduce(MPI.IN_PLACE, buckets[b][0], op=MPI.SUM))
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+    def step(x, y, flip):
+        flat_grads.zero_()
+        pending[:] = [n for _, n in buckets]
+        requests.clear()
+        utils.train_step(model, x, y, flip)
+        t = time.perf_counter()
+        MPI.Request.Waitall(requests)
+        flat_grads.div_(world_size)
+        t = time.perf_counter() - t
+        utils.clip_gradients_(optimizer, utils.CLIP_NORM)  # as the scripts' step, in every variant
+        optimizer.step()
+        return t
+    return step
+
+
+def gradient_buckets(params, flat_grads):
+    """[(a bucket's slice of flat_grads, its number of parameters)], and each parameter's bucket."""
+    # Backward produces grads last layer first, so walk the parameters in reverse and
+    # close a bucket once it holds >= 25% of P (DDP's rule, with its cap scaled down):
+    # each bucket is then a contiguous slice of the flat gradient.
+    offsets = np.cumsum([0] + [p.numel() for p in params])
+    buckets, members, hi = [], [], len(flat_grads)
+    bucket_of = {}
+    for i in reversed(range(len(params))):
+        members.append(params[i])
+        if hi - offsets[i] >= len(flat_grads) // 4 or i == 0:
+            for p in members:
+                bucket_of[p] = len(buckets)
+            buckets.append((flat_grads[offsets[i]:hi].numpy(), len(members)))
+            members, hi = [], offsets[i]
+    return buckets, bucket_of
+
+
+def parse_args():
     parser = utils.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=utils.HelpFormatter)
     # the step
     parser.add_argument("--batch-size", type=utils.positive(int), default=64, help="samples per rank per step")
@@ -147,8 +175,11 @@ def main():
     parser.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/")
     parser.add_argument("--port", type=int, default=29500, help="MASTER_PORT of torch.distributed")
     parser.add_argument("--out", required=True, help="results JSON path")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main():
+    args = parse_args()
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
     is_root = rank == 0
@@ -168,7 +199,23 @@ def main():
         idx, flip = shares[i % len(shares)]
         return x[idx], y[idx], flip
 
-    # check: the same parameters after a few steps of plain SGD
+    max_diff = check_variants(batch, comm, args)
+    result, n_steps = time_variants(batch, comm, args)
+    for v, r in result.items():
+        utils.print0(f"N={world_size} {v:>10}: {r['steps_per_s']:7.2f} steps/s | {r['step_ms']:7.2f} ms/step | "
+                     f"{r['comm_ms']:6.2f} ms in communication")
+    if is_root:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"n": world_size, "threads": threads, "batch_size": args.batch_size,
+                       "dataset": args.dataset, "steps": n_steps, "blocks": args.blocks,
+                       "check_steps": CHECK_STEPS, "max_abs_diff": max_diff, "variants": result}, f, indent=1)
+    dist.destroy_process_group()
+
+
+def check_variants(batch, comm, args):
+    """The same parameters after a few steps of plain SGD (momentum 0), or the job ends; returns
+    each variant's max |parameter - serverless's|."""
     check = {}
     for variant in VARIANTS:
         model, step = build(variant, comm, args.lr, 0.0, args.weight_decay)
@@ -181,8 +228,13 @@ def main():
     bad = {v: d for v, d in max_diff.items() if not d <= TOLERANCE}
     if bad:
         utils.fail(f"parameters differ from the serverless step by more than {TOLERANCE}: {bad}", code=1)
+    return max_diff
 
-    # timing, interleaved
+
+def time_variants(batch, comm, args):
+    """Warmup, then --blocks rounds of --steps steps of each variant, in an order that rotates each
+    round. Returns ({variant: steps/s, ms per step, ms of it in communication}, the steps timed)."""
+    world_size = comm.Get_size()
     steps = {v: build(v, comm, args.lr, args.momentum, args.weight_decay)[1] for v in VARIANTS}
     for v in VARIANTS:
         for i in range(args.warmup):
@@ -200,16 +252,7 @@ def main():
     n_steps = args.blocks * args.steps
     result = {v: {"steps_per_s": n_steps / wall[j], "step_ms": 1e3 * wall[j] / n_steps,
                   "comm_ms": 1e3 * in_comm[j] / world_size / n_steps} for j, v in enumerate(VARIANTS)}
-    for v, r in result.items():
-        utils.print0(f"N={world_size} {v:>10}: {r['steps_per_s']:7.2f} steps/s | {r['step_ms']:7.2f} ms/step | "
-                     f"{r['comm_ms']:6.2f} ms in communication")
-    if is_root:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"n": world_size, "threads": threads, "batch_size": args.batch_size,
-                       "dataset": args.dataset, "steps": n_steps, "blocks": args.blocks,
-                       "check_steps": CHECK_STEPS, "max_abs_diff": max_diff, "variants": result}, f, indent=1)
-    dist.destroy_process_group()
+    return result, n_steps
 
 
 if __name__ == "__main__":

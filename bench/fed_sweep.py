@@ -243,118 +243,176 @@ def describe(label, record):
 
 def render(out, tiny, md_path, fig_dir):
     """The table (md_path) and the plots (in fig_dir), from the records in `out` alone."""
-    from matplotlib.figure import Figure
-
     records = load_records(out)
+    iid, non = records.get("iid", {}).get("fedavg"), records.get(TUNE_SPLIT, {}).get("fedavg")
+    tune = records.get(TUNE_SPLIT, {})
     lines = ["# FedAvg variants (issue 16)", "",
              f"{'Smoke test (--tiny): synthetic data, numbers mean nothing. ' if tiny else ''}"
              "One row per record of `python bench/fed_sweep.py`. MB: bytes sent + received per client rank, "
              "over the run. Train s: the rounds' time, without evaluation.", "",
+             *provenance_lines(records, tune),
              "| split | algorithm | rounds | final acc % | best acc % | MB per client rank | train s |",
              "|---|---|---|---|---|---|---|"]
-    iid, non = records.get("iid", {}).get("fedavg"), records.get(TUNE_SPLIT, {}).get("fedavg")
-    tune = records.get(TUNE_SPLIT, {})
-    knob = lambda prefix: " ".join(sorted(label[len(prefix):] for label in tune if label.startswith(prefix)))
-    compared = " ".join(s for s, runs in records.items() if "scaffold" in runs)
-    any_run = next(iter(next(iter(records.values())).values()))
-    c, hw = any_run["config"], any_run["hardware"]
-    lines[4:4] = [f"The records are of `python bench/fed_sweep.py --splits {compared} --mus {knob('fedprox_mu')} "
-                  f"--momenta {knob('fedavgm_b')}`: {', '.join(f'{s}, {len(r)} run' + 's' * (len(r) != 1) for s, r in records.items())}. "
-                  f"Dataset {c['dataset']}, {any_run['world_size']} ranks (a server and {len(any_run['client_sizes'])} "
-                  f"clients), {c['local_epochs']} local epoch per round, seed {c['seed']}, on {hw['cpu']} "
-                  f"({hw['cores']} cores, GPU: {hw['gpu'] or 'none'}). One seed per run: differences of a point or "
-                  f"two may be noise. "
-                  + recipe([r["config"] for runs in records.values() for r in runs.values()]), ""]
     tuned = {prefix: best_label(tune, prefix)[len(prefix):]
              for prefix in ("fedprox_mu", "fedavgm_b") if any(label.startswith(prefix) for label in tune)}
-
-    def untuned(split, label):  # a mu or momentum other than the tuned one, outside the tuning runs
-        if label.startswith("fedprox_mu"):
-            return split != TUNE_SPLIT and label[len("fedprox_mu"):] != tuned.get("fedprox_mu")
-        fix, _, beta = label.partition("_b")
-        return bool(beta) and (split != TUNE_SPLIT or fix != "fedavgm") and beta != tuned.get("fedavgm_b")
     for split, runs in records.items():
-        fig = Figure(figsize=(7, 4.5))
-        ax = fig.subplots()
-        for label, r in sorted(runs.items(), key=lambda kv: -kv[1]["final_test_acc"]):
-            h = r["history"]
-            clients = r["bytes_per_rank"][1:]
-            mb = sum(b["bytes_sent"] + b["bytes_recv"] for b in clients) / len(clients) / 1e6
-            shared = "" if tiny else "*" * (f"{split}_{label}" in SHARED_CORES) + "‡" * (f"{split}_{label}" in FASTER_HOST)
-            lines.append(f"| {split} | {describe(label, r)}{' (†)' * untuned(split, label)} | {len(h)} | "
-                         f"{r['final_test_acc']:.2f} | {max(x['test_acc'] for x in h):.2f} | {mb:.1f} | "
-                         f"{sum(x['round_time'] for x in h):.0f}{shared} |")
-            scale = 0.5 if label == "fedavg_2x" else 1  # its 2 rounds cost SCAFFOLD's 1 in bytes
-            ax.plot([x["round"] * scale for x in h], [x["test_acc"] for x in h], marker=".", label=describe(label, r))
-        ax.set_xlabel("round (FedAvg at SCAFFOLD's bytes: rounds / 2)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{split}{' (tiny smoke test)' if tiny else ''}", fontsize=10)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(fig_dir, f"fed_sweep_{split}.png"), dpi=120)
-    if any("(†)" in line for line in lines):
-        lines += ["", f"(†) Not the value tuned on {TUNE_SPLIT} now: a run from an earlier, narrower tuning, kept "
-                  "beside the tuned value's run where that has run too."]
-    names = {f"{split}_{label}" for split, runs in records.items() for label in runs}
-    if names & SHARED_CORES and not tiny:
-        lines += ["", "\\* Another job (a test run) shared the 2 cores for part of this run: its train s is longer "
-                  "than the run alone would take. Accuracy and bytes do not depend on it."]
-    lines += host_check(out, records) if names & FASTER_HOST and not tiny else []
-    mean = lambda xs: sum(x for x in xs if x is not None) / max(1, sum(x is not None for x in xs))
+        lines += split_rows(split, runs, tiny, tuned)
+        plot_split(split, runs, tiny, os.path.join(fig_dir, f"fed_sweep_{split}.png"))
+    lines += footnote_lines(lines, out, records, tiny)
     if iid and non and all("drift" in h for h in iid["history"] + non["history"]):
-        lines += ["", "Client drift, FedAvg (`--measure-drift`, extensions/drift.py): per round, the client models' "
-                  "mean distance from the new global model (||w_k - w|| / ||w||), their mean test accuracy on their "
-                  "own classes and on the others, and the new global model's weakest class.", "",
-                  f"| round | distance, iid | distance, {TUNE_SPLIT} | own classes, iid | own classes, {TUNE_SPLIT} | "
-                  f"other classes, {TUNE_SPLIT} | weakest class, iid | weakest class, {TUNE_SPLIT} |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for a, b in zip(iid["history"], non["history"]):
-            da, db = a["drift"], b["drift"]
-            lines.append(f"| {a['round']} | {mean(da['distance']):.3f} | {mean(db['distance']):.3f} | "
-                         f"{mean(da['acc_own']):.2f} | {mean(db['acc_own']):.2f} | {mean(db['acc_other']):.2f} | "
-                         f"{min(da['global_class_acc']):.2f} | {min(db['global_class_acc']):.2f} |")
-    fixes = [(describe(label, r), r) for label, r in tune.items()
-             if (label == "fedavg" or label.partition("_b")[0] in LABEL_SKEW) and all("drift" in h for h in r["history"])]
-    if len(fixes) > 1:  # what the label-skew fixes did to the clients' forgetting of their missing classes
-        lines += ["", f"The label-skew fixes on {TUNE_SPLIT}, measured the same way: the client models' mean test "
-                  "accuracy on their own classes and on the others, and the new global model's weakest class.", "",
-                  "| algorithm | own classes, round 1 | other classes, round 1 | own classes, last round | "
-                  "other classes, last round | weakest class, last round |", "|---|---|---|---|---|---|"]
-        for name, r in fixes:
-            first, last = r["history"][0]["drift"], r["history"][-1]["drift"]
-            lines.append(f"| {name} | {mean(first['acc_own']):.2f} | {mean(first['acc_other']):.2f} | "
-                         f"{mean(last['acc_own']):.2f} | {mean(last['acc_other']):.2f} | "
-                         f"{min(last['global_class_acc']):.2f} |")
+        lines += drift_lines(iid, non)
+    lines += label_skew_drift_lines(tune)
     if iid and non:
-        target = non["final_test_acc"] + (iid["final_test_acc"] - non["final_test_acc"]) / 2
-        best = max((r["final_test_acc"], describe(label, r)) for label, r in records[TUNE_SPLIT].items()
-                   if len(r["history"]) == len(non["history"]))
-        lines += ["", "| goal | target | measured | met |", "|---|---|---|---|",
-                  f"| best algorithm, {TUNE_SPLIT}, {len(non['history'])} rounds: half of FedAvg's iid-to-{TUNE_SPLIT} "
-                  f"gap ({iid['final_test_acc']:.2f}% to {non['final_test_acc']:.2f}%) closed | >= {target:.2f}% | "
-                  f"{best[0]:.2f}% by {best[1]} | {'yes' if best[0] >= target else 'no'} |",
-                  f"| the same, as the issue put it: half of the gap measured at older code (76.03% to 62.72%) | "
-                  f">= {ISSUE_TARGET}% | {best[0]:.2f}% | {'yes' if best[0] >= ISSUE_TARGET else 'no'} |"]
-        walls = [r["wall_time"] for runs in records.values() for r in runs.values()]
-        lines.append(f"| the whole sweep as one command, 2 cores | <= 40 min | {len(walls)} runs: at least {len(walls)} x "
-                     f"the fastest run's {min(walls) / 60:.1f} min = {len(walls) * min(walls) / 60:.0f} min (their wall "
-                     f"times add up to {sum(walls) / 60:.0f} min, on two hosts) | "
-                     f"{'yes' if len(walls) * min(walls) <= 40 * 60 else 'no'} |")
-        for split, runs in records.items():  # the other non-iid splits: measured against FedAvg, no target
-            if split in ("iid", TUNE_SPLIT) or "fedavg" not in runs or len(runs) < 2:
-                continue
-            fedavg = runs["fedavg"]
-            others = [(r["final_test_acc"], describe(label, r)) for label, r in runs.items()
-                      if label != "fedavg" and len(r["history"]) == len(fedavg["history"])]
-            best = max(others)
-            lines.append(f"| best of the {len(others)} other algorithm{'s' * (len(others) != 1)} run, {split}, "
-                         f"{len(fedavg['history'])} rounds, against FedAvg "
-                         f"({fedavg['final_test_acc']:.2f}%) | measured | {best[0]:.2f}% by {best[1]}, "
-                         f"{best[0] - fedavg['final_test_acc']:+.2f} points | - |")
+        lines += goal_lines(records, iid, non)
     lines += spread_lines(out)
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return md_path
+
+
+def provenance_lines(records, tune):
+    """The command the records are of, the runs per split, the data, ranks and machine, and the recipe."""
+    knob = lambda prefix: " ".join(sorted(label[len(prefix):] for label in tune if label.startswith(prefix)))
+    compared = " ".join(s for s, runs in records.items() if "scaffold" in runs)
+    any_run = next(iter(next(iter(records.values())).values()))
+    c, hw = any_run["config"], any_run["hardware"]
+    return [f"The records are of `python bench/fed_sweep.py --splits {compared} --mus {knob('fedprox_mu')} "
+            f"--momenta {knob('fedavgm_b')}`: {', '.join(f'{s}, {len(r)} run' + 's' * (len(r) != 1) for s, r in records.items())}. "
+            f"Dataset {c['dataset']}, {any_run['world_size']} ranks (a server and {len(any_run['client_sizes'])} "
+            f"clients), {c['local_epochs']} local epoch per round, seed {c['seed']}, on {hw['cpu']} "
+            f"({hw['cores']} cores, GPU: {hw['gpu'] or 'none'}). One seed per run: differences of a point or "
+            f"two may be noise. "
+            + recipe([r["config"] for runs in records.values() for r in runs.values()]), ""]
+
+
+def by_final_accuracy(runs):
+    """[(label, record)] of one split, the highest final test accuracy first."""
+    return sorted(runs.items(), key=lambda kv: -kv[1]["final_test_acc"])
+
+
+def untuned(split, label, tuned):
+    """Whether the run has a mu or momentum other than the tuned one, outside the tuning runs."""
+    if label.startswith("fedprox_mu"):
+        return split != TUNE_SPLIT and label[len("fedprox_mu"):] != tuned.get("fedprox_mu")
+    fix, _, beta = label.partition("_b")
+    return bool(beta) and (split != TUNE_SPLIT or fix != "fedavgm") and beta != tuned.get("fedavgm_b")
+
+
+def split_rows(split, runs, tiny, tuned):
+    """The table's rows of one split, the best final accuracy first."""
+    lines = []
+    for label, r in by_final_accuracy(runs):
+        h = r["history"]
+        clients = r["bytes_per_rank"][1:]
+        mb = sum(b["bytes_sent"] + b["bytes_recv"] for b in clients) / len(clients) / 1e6
+        shared = "" if tiny else "*" * (f"{split}_{label}" in SHARED_CORES) + "‡" * (f"{split}_{label}" in FASTER_HOST)
+        lines.append(f"| {split} | {describe(label, r)}{' (†)' * untuned(split, label, tuned)} | {len(h)} | "
+                     f"{r['final_test_acc']:.2f} | {max(x['test_acc'] for x in h):.2f} | {mb:.1f} | "
+                     f"{sum(x['round_time'] for x in h):.0f}{shared} |")
+    return lines
+
+
+def plot_split(split, runs, tiny, path):
+    """Test accuracy per round of every run of one split, in the order of its table."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for label, r in by_final_accuracy(runs):
+        h = r["history"]
+        scale = 0.5 if label == "fedavg_2x" else 1  # its 2 rounds cost SCAFFOLD's 1 in bytes
+        ax.plot([x["round"] * scale for x in h], [x["test_acc"] for x in h], marker=".", label=describe(label, r))
+    ax.set_xlabel("round (FedAvg at SCAFFOLD's bytes: rounds / 2)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{split}{' (tiny smoke test)' if tiny else ''}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def footnote_lines(lines, out, records, tiny):
+    """The notes of the marks in the table `lines`: (†) an untuned run, * shared cores, ‡ a faster host."""
+    notes = []
+    if any("(†)" in line for line in lines):
+        notes += ["", f"(†) Not the value tuned on {TUNE_SPLIT} now: a run from an earlier, narrower tuning, kept "
+                  "beside the tuned value's run where that has run too."]
+    names = {f"{split}_{label}" for split, runs in records.items() for label in runs}
+    if names & SHARED_CORES and not tiny:
+        notes += ["", "\\* Another job (a test run) shared the 2 cores for part of this run: its train s is longer "
+                  "than the run alone would take. Accuracy and bytes do not depend on it."]
+    notes += host_check(out, records) if names & FASTER_HOST and not tiny else []
+    return notes
+
+
+def mean_measured(xs):
+    """The mean of the values that are not None (0 when all are)."""
+    return sum(x for x in xs if x is not None) / max(1, sum(x is not None for x in xs))
+
+
+def drift_lines(iid, non):
+    """FedAvg's client drift per round, iid against the shards (--measure-drift)."""
+    lines = ["", "Client drift, FedAvg (`--measure-drift`, extensions/drift.py): per round, the client models' "
+             "mean distance from the new global model (||w_k - w|| / ||w||), their mean test accuracy on their "
+             "own classes and on the others, and the new global model's weakest class.", "",
+             f"| round | distance, iid | distance, {TUNE_SPLIT} | own classes, iid | own classes, {TUNE_SPLIT} | "
+             f"other classes, {TUNE_SPLIT} | weakest class, iid | weakest class, {TUNE_SPLIT} |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a, b in zip(iid["history"], non["history"]):
+        da, db = a["drift"], b["drift"]
+        lines.append(f"| {a['round']} | {mean_measured(da['distance']):.3f} | {mean_measured(db['distance']):.3f} | "
+                     f"{mean_measured(da['acc_own']):.2f} | {mean_measured(db['acc_own']):.2f} | "
+                     f"{mean_measured(db['acc_other']):.2f} | "
+                     f"{min(da['global_class_acc']):.2f} | {min(db['global_class_acc']):.2f} |")
+    return lines
+
+
+def label_skew_drift_lines(tune):
+    """What the label-skew fixes did to the clients' forgetting of their missing classes, if measured."""
+    fixes = [(describe(label, r), r) for label, r in tune.items()
+             if (label == "fedavg" or label.partition("_b")[0] in LABEL_SKEW) and all("drift" in h for h in r["history"])]
+    if len(fixes) <= 1:
+        return []
+    lines = ["", f"The label-skew fixes on {TUNE_SPLIT}, measured the same way: the client models' mean test "
+             "accuracy on their own classes and on the others, and the new global model's weakest class.", "",
+             "| algorithm | own classes, round 1 | other classes, round 1 | own classes, last round | "
+             "other classes, last round | weakest class, last round |", "|---|---|---|---|---|---|"]
+    for name, r in fixes:
+        first, last = r["history"][0]["drift"], r["history"][-1]["drift"]
+        lines.append(f"| {name} | {mean_measured(first['acc_own']):.2f} | {mean_measured(first['acc_other']):.2f} | "
+                     f"{mean_measured(last['acc_own']):.2f} | {mean_measured(last['acc_other']):.2f} | "
+                     f"{min(last['global_class_acc']):.2f} |")
+    return lines
+
+
+def goal_lines(records, iid, non):
+    """The goals: half of FedAvg's iid-to-shards gap closed, the sweep's time, and each other non-iid
+    split's best against FedAvg."""
+    target = non["final_test_acc"] + (iid["final_test_acc"] - non["final_test_acc"]) / 2
+    best = max((r["final_test_acc"], describe(label, r)) for label, r in records[TUNE_SPLIT].items()
+               if len(r["history"]) == len(non["history"]))
+    lines = ["", "| goal | target | measured | met |", "|---|---|---|---|",
+             f"| best algorithm, {TUNE_SPLIT}, {len(non['history'])} rounds: half of FedAvg's iid-to-{TUNE_SPLIT} "
+             f"gap ({iid['final_test_acc']:.2f}% to {non['final_test_acc']:.2f}%) closed | >= {target:.2f}% | "
+             f"{best[0]:.2f}% by {best[1]} | {'yes' if best[0] >= target else 'no'} |",
+             f"| the same, as the issue put it: half of the gap measured at older code (76.03% to 62.72%) | "
+             f">= {ISSUE_TARGET}% | {best[0]:.2f}% | {'yes' if best[0] >= ISSUE_TARGET else 'no'} |"]
+    walls = [r["wall_time"] for runs in records.values() for r in runs.values()]
+    lines.append(f"| the whole sweep as one command, 2 cores | <= 40 min | {len(walls)} runs: at least {len(walls)} x "
+                 f"the fastest run's {min(walls) / 60:.1f} min = {len(walls) * min(walls) / 60:.0f} min (their wall "
+                 f"times add up to {sum(walls) / 60:.0f} min, on two hosts) | "
+                 f"{'yes' if len(walls) * min(walls) <= 40 * 60 else 'no'} |")
+    for split, runs in records.items():  # the other non-iid splits: measured against FedAvg, no target
+        if split in ("iid", TUNE_SPLIT) or "fedavg" not in runs or len(runs) < 2:
+            continue
+        fedavg = runs["fedavg"]
+        others = [(r["final_test_acc"], describe(label, r)) for label, r in runs.items()
+                  if label != "fedavg" and len(r["history"]) == len(fedavg["history"])]
+        best = max(others)
+        lines.append(f"| best of the {len(others)} other algorithm{'s' * (len(others) != 1)} run, {split}, "
+                     f"{len(fedavg['history'])} rounds, against FedAvg "
+                     f"({fedavg['final_test_acc']:.2f}%) | measured | {best[0]:.2f}% by {best[1]}, "
+                     f"{best[0] - fedavg['final_test_acc']:+.2f} points | - |")
+    return lines
 
 
 def split_of(name):

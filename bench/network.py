@@ -110,18 +110,48 @@ def measure_all(out, tiny):
     record = {"runs": [], "sweep": [], "fedavg_vs_ps": []}
     t_start = time.perf_counter()
 
-    # 1. every paradigm at every rate and size; one cluster per size, reshaped per rate
+    # 1. every paradigm at every rate and size
+    record["runs"] += measure_paradigms(hosts, rates, steps, out, scratch)
+
+    # 2. the all-reduce sweep
+    sweep = dict(SWEEP, hosts=2, max_bytes=256 << 10, repeats=2) if tiny else SWEEP  # beta needs 8 bursts
+    record["sweep"].append(measure_sweep(sweep, out, scratch))
+
+    # 3. FedAvg against the parameter server on the same data budget
+    cmp = dict(FEDAVG_VS_PS, hosts=2, train_size=256, passes=1) if tiny else FEDAVG_VS_PS
+    record["fedavg_vs_ps"] += measure_budget(cmp, out, scratch)
+
+    record["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                      "wall_s": time.perf_counter() - t_start, "tiny": tiny,
+                      "load_avg": os.getloadavg()[2],  # 15 min: whatever else ran on the cores meanwhile
+                      "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, shared by all emulated hosts",
+                      "kernel": platform.release(), "python": platform.python_version(),
+                      "torch": version("torch"), "mpi4py": version("mpi4py"), "steps": steps,
+                      "local_steps": LOCAL_STEPS, "rounds": ROUNDS, "sweep": sweep, "fedavg_vs_ps": cmp,
+                      "tbf": "rate RATE burst max(16 KiB, 2 ms at RATE) latency 200ms"}
+    with open(os.path.join(out, "network.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def measure_paradigms(hosts, rates, steps, out, scratch):
+    """Part 1: each of RUNS at each rate on each number of hosts; one cluster per number of hosts,
+    reshaped per rate. Returns their records, in that order."""
+    runs = []
     for n in hosts:
         with cl.Cluster(n) as cluster:
             for rate in rates:
                 cluster.shape(rate)
                 print(f"part 1: {n} hosts, {rate}", flush=True)
                 for kind in RUNS:
-                    record["runs"].append(measure(cluster, f"{rate}_n{n}_{kind}", script_args(kind, steps[rate]),
-                                                  out, scratch))
+                    runs.append(measure(cluster, f"{rate}_n{n}_{kind}", script_args(kind, steps[rate]),
+                                        out, scratch))
+    return runs
 
-    # 2. the all-reduce sweep
-    sweep = dict(SWEEP, hosts=2, max_bytes=256 << 10, repeats=2) if tiny else SWEEP  # beta needs 8 bursts
+
+def measure_sweep(sweep, out, scratch):
+    """Part 2: bench/allreduce.py on its own cluster; its JSON is copied into <out>/runs/. Returns
+    the record's entry for it."""
     with cl.Cluster(sweep["hosts"], sweep["rate"]) as cluster:
         print(f"part 2: all-reduce sweep, {sweep['hosts']} hosts, {sweep['rate']}", flush=True)
         folder = os.path.join(scratch, "sweep")
@@ -136,32 +166,23 @@ def measure_all(out, tiny):
         name = f"allreduce_{sweep['rate']}_n{sweep['hosts']}.json"
         with open(os.path.join(out, "runs", name), "w") as f:
             json.dump(raw, f, indent=1)
-        record["sweep"].append({"rate": sweep["rate"], "hosts": sweep["hosts"], "results": f"runs/{name}",
-                                "wall_s": time.perf_counter() - t0,
-                                "command": f"python bench/cluster.py run --hosts {sweep['hosts']} "
-                                           f"--rate {sweep['rate']} -- " + shlex.join(args[:-4])})
+        return {"rate": sweep["rate"], "hosts": sweep["hosts"], "results": f"runs/{name}",
+                "wall_s": time.perf_counter() - t0,
+                "command": f"python bench/cluster.py run --hosts {sweep['hosts']} "
+                           f"--rate {sweep['rate']} -- " + shlex.join(args[:-4])}
 
-    # 3. FedAvg against the parameter server on the same data budget
-    cmp = dict(FEDAVG_VS_PS, hosts=2, train_size=256, passes=1) if tiny else FEDAVG_VS_PS
+
+def measure_budget(cmp, out, scratch):
+    """Part 3: the parameter server for `passes` epochs, then FedAvg for as many rounds of one local
+    epoch. Returns their two records."""
+    runs = []
     with cl.Cluster(cmp["hosts"], cmp["rate"]) as cluster:
         print(f"part 3: FedAvg against the parameter server, {cmp['hosts']} hosts, {cmp['rate']}", flush=True)
         common = ["--dataset", "synthetic", "--seed", "0", "--train-size", str(cmp["train_size"])]
         for kind, args in (("ps", ["dist_sgd_param_server.py", *common, "--epochs", str(cmp["passes"])]),
                            ("fedavg", ["fed_avg.py", *common, "--rounds", str(cmp["passes"]), "--local-epochs", "1"])):
-            record["fedavg_vs_ps"].append(measure(cluster, f"budget_{cmp['rate']}_n{cmp['hosts']}_{kind}",
-                                                  args, out, scratch))
-
-    record["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                      "wall_s": time.perf_counter() - t_start, "tiny": tiny,
-                      "load_avg": os.getloadavg()[2],  # 15 min: whatever else ran on the cores meanwhile
-                      "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, shared by all emulated hosts",
-                      "kernel": platform.release(), "python": platform.python_version(),
-                      "torch": version("torch"), "mpi4py": version("mpi4py"), "steps": steps,
-                      "local_steps": LOCAL_STEPS, "rounds": ROUNDS, "sweep": sweep, "fedavg_vs_ps": cmp,
-                      "tbf": "rate RATE burst max(16 KiB, 2 ms at RATE) latency 200ms"}
-    with open(os.path.join(out, "network.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    return record
+            runs.append(measure(cluster, f"budget_{cmp['rate']}_n{cmp['hosts']}_{kind}", args, out, scratch))
+    return runs
 
 
 def cores(meta):

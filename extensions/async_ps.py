@@ -165,88 +165,118 @@ def serve_epoch(replica, plan, comm, step, batches):
     """Server executes: receive gradients as they come, apply them (see Server.next_update),
     reply to each worker with the new weights and its next batch. With --elastic, a worker
     whose receive or reply fails is dropped (Server.lose). Returns (step, update seconds, stats)."""
-    optimizer, flat_params, flat_grads, traffic = replica.optimizer, replica.flat_params, replica.flat_grads, \
-        replica.traffic
-    args, total_steps = plan.args, plan.total_steps
-    device_ok = utils.mpi_is_cuda_aware(flat_params.device)
-    staleness = args.staleness if args.mode == "ssp" else math.inf
-    num_workers = comm.Get_size() - 1  # --elastic: the workers still here
-    inbox = replica.inbox[:num_workers]
-    in_job = job_ranks(comm)  # DANA's buffers are the workers' ranks in the whole job
-    workers_in_job = MPI.COMM_WORLD.Get_size() - 1
-    state = Server(num_workers, batches, staleness)
-    requests = [comm.Irecv(inbox[w - 1], source=w, tag=GRADIENT) if w in state.computing else MPI.REQUEST_NULL
-                for w in state.read]
-    update_time, idle, orphans = 0.0, [w for w in state.read if w not in state.computing], []
+    server = EpochServer(replica, plan, comm, step, batches)
+    state = server.state
+    while state.computing or state.held:
+        group = state.next_update()
+        if not group:  # wait for the next gradient, from whichever worker sends first
+            server.receive_any()
+            continue
+        server.apply_update(group)
+        for w in group:
+            if w not in state.lost:
+                server.hand_out(w)
+    server.send_final_weights()
+    return server.step, server.update_time, server.stats()
 
-    def drop_lost_workers(error):
+
+class EpochServer:
+    """serve_epoch's working state: the schedule (Server), the receive posted to each worker
+    computing, the workers done with the epoch's batches (`idle`: they wait for its final
+    weights), the global step and the seconds spent updating."""
+
+    def __init__(self, replica, plan, comm, step, batches):
+        self.replica, self.plan, self.comm, self.step = replica, plan, comm, step
+        args = plan.args
+        self.device_ok = utils.mpi_is_cuda_aware(replica.flat_params.device)
+        staleness = args.staleness if args.mode == "ssp" else math.inf
+        num_workers = comm.Get_size() - 1  # --elastic: the workers still here
+        self.inbox = replica.inbox[:num_workers]
+        self.in_job = job_ranks(comm)  # DANA's buffers are the workers' ranks in the whole job
+        self.workers_in_job = MPI.COMM_WORLD.Get_size() - 1
+        self.state = state = Server(num_workers, batches, staleness)
+        self.requests = [comm.Irecv(self.inbox[w - 1], source=w, tag=GRADIENT) if w in state.computing
+                         else MPI.REQUEST_NULL for w in state.read]
+        self.idle, self.orphans = [w for w in state.read if w not in state.computing], []
+        self.update_time = 0.0
+
+    def receive_any(self):
+        """Wait for the first gradient to arrive, and hold it for Server.next_update."""
+        try:
+            w = MPI.Request.Waitany(self.requests) + 1
+        except MPI.Exception as e:
+            self.drop_lost_workers(e)
+            return
+        self.replica.traffic.add({"bytes_sent": 0, "bytes_recv": self.inbox[w - 1].nbytes})
+        self.state.arrived(w)
+
+    def apply_update(self, group):
+        """One optimizer step on the mean of `group`'s held gradients."""
+        replica, args, state = self.replica, self.plan.args, self.state
+        optimizer, k = replica.optimizer, len(group)
+        tau = state.version - state.read[group[0]]
+        # an update of k gradients sits at step / k of total / k steps of a batch k x larger
+        lr = utils.lr_at(self.step // k, self.plan.total_steps // k, args.lr * math.sqrt(k), args.warmup)
+        t0 = time.perf_counter()
+        replica.flat_grads.copy_(self.inbox[[w - 1 for w in group]].sum(dim=0)).div_(k)
+        utils.set_lr(optimizer, lr / max(1, tau) if args.staleness_lr else lr)
+        if args.dana:
+            use_momentum_of(optimizer, self.in_job[group[0]], self.workers_in_job)
+        utils.clip_gradients_(optimizer, args.clip_norm)
+        optimizer.step()
+        utils.sync(replica.flat_params.device)
+        self.update_time += time.perf_counter() - t0
+        state.applied(group)
+        self.step += k
+
+    def hand_out(self, w):
+        """Reply to worker w with the new weights and its next batch, or hold it till the end."""
+        k = self.state.assign(w)
+        if k is None:  # nothing left: it waits for the epoch's final weights
+            self.idle.append(w)
+            return
+        try:
+            # its next batch, and the weights to start from
+            reply(self.replica.flat_params, self.device_ok, w, k, self.comm, self.replica.traffic)
+            self.requests[w - 1] = self.comm.Irecv(self.inbox[w - 1], source=w, tag=GRADIENT)
+        except MPI.Exception as e:
+            self.drop_lost_workers(e)
+
+    def drop_lost_workers(self, error):
         """--elastic: after a receive or a reply failed, drop every worker now known lost; the
         requests still posted to them are kept, unwaited: one freed while pending is fatal."""
-        lost = sorted(elastic.lost_ranks(error, comm) - {SERVER} - set(state.lost)) if args.elastic else []
+        state, step = self.state, self.step
+        lost = (sorted(elastic.lost_ranks(error, self.comm) - {SERVER} - set(state.lost))
+                if self.plan.args.elastic else [])
         if not lost:
             raise error
         for w in lost:
             batch = state.lose(w, step)
-            orphans.append(requests[w - 1])
-            requests[w - 1] = MPI.REQUEST_NULL
-            if w in idle:
-                idle.remove(w)
+            self.orphans.append(self.requests[w - 1])
+            self.requests[w - 1] = MPI.REQUEST_NULL
+            if w in self.idle:
+                self.idle.remove(w)
             utils.print0(f"worker {w} lost at step {step}" + ("" if batch is None else
-                         f": batch {batch} of the epoch goes to the next worker that asks"), comm=comm)
-        while state.todo and idle:  # a requeued batch, and workers done with the epoch's others
-            hand_out(idle.pop())
+                         f": batch {batch} of the epoch goes to the next worker that asks"), comm=self.comm)
+        while state.todo and self.idle:  # a requeued batch, and workers done with the epoch's others
+            self.hand_out(self.idle.pop())
 
-    def hand_out(w):
-        """Reply to worker w with the new weights and its next batch, or hold it till the end."""
-        k = state.assign(w)
-        if k is None:  # nothing left: it waits for the epoch's final weights
-            idle.append(w)
-            return
-        try:
-            reply(flat_params, device_ok, w, k, comm, traffic)  # its next batch, and the weights to start from
-            requests[w - 1] = comm.Irecv(inbox[w - 1], source=w, tag=GRADIENT)
-        except MPI.Exception as e:
-            drop_lost_workers(e)
-
-    while state.computing or state.held:
-        group = state.next_update()
-        if not group:  # wait for the next gradient, from whichever worker sends first
+    def send_final_weights(self):
+        """The epoch's last weights, tagged END, to every worker still waiting for them."""
+        for w in list(self.idle):  # a copy: a worker found lost here leaves `idle`
             try:
-                w = MPI.Request.Waitany(requests) + 1
-            except MPI.Exception as e:
-                drop_lost_workers(e)
-                continue
-            traffic.add({"bytes_sent": 0, "bytes_recv": inbox[w - 1].nbytes})
-            state.arrived(w)
-            continue
-        tau = state.version - state.read[group[0]]
-        # an update of k gradients sits at step / k of total / k steps of a batch k x larger
-        lr = utils.lr_at(step // len(group), total_steps // len(group), args.lr * math.sqrt(len(group)),
-                         args.warmup)
-        t0 = time.perf_counter()
-        flat_grads.copy_(inbox[[w - 1 for w in group]].sum(dim=0)).div_(len(group))
-        utils.set_lr(optimizer, lr / max(1, tau) if args.staleness_lr else lr)
-        if args.dana:
-            use_momentum_of(optimizer, in_job[group[0]], workers_in_job)
-        utils.clip_gradients_(optimizer, args.clip_norm)
-        optimizer.step()
-        utils.sync(flat_params.device)
-        update_time += time.perf_counter() - t0
-        state.applied(group)
-        step += len(group)
-        for w in group:
-            if w not in state.lost:
-                hand_out(w)
-    for w in list(idle):  # a copy: a worker found lost here leaves `idle`
-        try:
-            reply(flat_params, device_ok, w, END, comm, traffic)
-        except MPI.Exception as e:  # lost at the end: the survivors learn of it after the epoch
-            drop_lost_workers(e)
-    stats = dict(staleness={str(t): n for t, n in sorted(state.tau.items())},
-                 gradients_per_worker=[state.gradients[w] for w in sorted(state.gradients)])
-    if state.lost:
-        stats["lost"] = [dict(rank=w, **when) for w, when in state.lost.items()]
-    return step, update_time, stats
+                reply(self.replica.flat_params, self.device_ok, w, END, self.comm, self.replica.traffic)
+            except MPI.Exception as e:  # lost at the end: the survivors learn of it after the epoch
+                self.drop_lost_workers(e)
+
+    def stats(self):
+        """The epoch's staleness histogram, gradients per worker and (--elastic) the workers lost."""
+        state = self.state
+        stats = dict(staleness={str(t): n for t, n in sorted(state.tau.items())},
+                     gradients_per_worker=[state.gradients[w] for w in sorted(state.gradients)])
+        if state.lost:
+            stats["lost"] = [dict(rank=w, **when) for w, when in state.lost.items()]
+        return stats
 
 
 def job_ranks(comm):

@@ -1,6 +1,7 @@
 """The scripts keep the shape a reader learns from: main() is wiring (setup, loop, report) and
 each role is a function of one screen; what goes beyond the assignment lives in extensions/."""
 import ast
+import glob
 import os
 import re
 
@@ -38,6 +39,25 @@ def test_main_is_wiring_and_every_function_fits_a_screen(script):
     many = {name: len(node.args.args) + len(node.args.kwonlyargs) for name, node in nodes.items()}
     many = {name: n for name, n in many.items() if n > 6}
     assert not many, f"{script}: functions of more than 6 parameters (put what goes together in a record): {many}"
+
+
+def function_lengths(path):
+    """[(name, first line, lines)] of every function in `path`, nested ones and methods too; a list,
+    not a dict, so that two functions of one name (each variant's `step`) are both counted."""
+    with open(os.path.join(ROOT, path)) as f:
+        tree = ast.parse(f.read())
+    return [(node.name, node.lineno, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+BENCH_AND_EXTENSIONS = sorted(os.path.relpath(p, ROOT) for folder in ("bench", "extensions")
+                              for p in glob.glob(os.path.join(ROOT, folder, "*.py")))
+
+
+@pytest.mark.parametrize("path", BENCH_AND_EXTENSIONS)
+def test_every_function_in_bench_and_extensions_fits_a_screen(path):
+    too_long = {f"{name} (line {line})": n for name, line, n in function_lengths(path) if n > 60}
+    assert not too_long, f"{path}: functions over 60 lines: {too_long}"
 
 
 @pytest.mark.parametrize("path", [*SCRIPTS, "utils.py"])
