@@ -63,7 +63,7 @@ sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
 from bench.elastic import ULFM  # noqa: E402  (the launch flags --elastic needs)
-from bench.report import recipe  # noqa: E402
+from bench.reports.wording import recipe  # noqa: E402
 from extensions import async_ps  # noqa: E402
 
 MPIRUN = shutil.which("mpirun", path=sysconfig.get_path("scripts")) or shutil.which("mpirun") or "mpirun"

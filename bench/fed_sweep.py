@@ -43,7 +43,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.report import algorithm_name, recipe  # noqa: E402  (the README names them alike)
+from bench.reports.wording import algorithm_name, recipe  # noqa: E402  (the README names them alike)
 
 SEEDS = (1, 2)  # the spread's other seeds: seed 0 is the sweep's own record
 

