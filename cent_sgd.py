@@ -80,6 +80,7 @@ def main():
             utils.save_checkpoint(args, 1, model, optimizer, progress)
 
     # report
+    utils.finish_trace(args)
     history = progress["history"]
     utils.print0(f"Final test accuracy: {history[-1]['test_acc']:.2f}%")
     utils.save_results(args.results, dict(

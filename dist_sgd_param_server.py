@@ -49,6 +49,7 @@ GRADIENTS, PARAMETERS = 1, 2  # message tags, so a reader sees which is which
 # off) the wire. Each returns {"bytes_sent", "bytes_recv"} for this rank.
 # Only uppercase (buffer) calls: the lowercase ones would pickle.
 
+@utils.traced("star", late=True)  # --trace: one comm span per call
 def gather_gradients_(buf, comm):
     """Bring every worker's flat gradient to the server.
 
@@ -66,6 +67,7 @@ def gather_gradients_(buf, comm):
     return {"bytes_sent": buf.nbytes, "bytes_recv": 0}
 
 
+@utils.traced("star")
 def send_parameters_(buf, comm):
     """Send the server's flat parameters `buf` (P,) to every worker, one Isend each; a worker
     receives them into its `buf`, in place."""
@@ -238,6 +240,7 @@ def report(replica, plan, parts, progress, t_start):
     save the results."""
     args, comm = plan.args, parts.comm
     check_replicas(replica.flat_params, comm)
+    utils.finish_trace(args, comm)
     per_rank_bytes = comm.gather({"bytes_sent": replica.traffic.sent,
                                   "bytes_recv": replica.traffic.received}, root=SERVER)
     if comm.Get_rank() != SERVER:

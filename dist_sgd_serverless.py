@@ -35,6 +35,7 @@ from extensions import compression
 # {"steps", "bytes_sent", "bytes_recv"} for this rank, so tests and benchmarks can check
 # the cost model. Only uppercase (buffer) calls: the lowercase ones would pickle.
 
+@utils.traced("all", late=True)  # --trace: a comm span per call (utils.traced)
 def mpi_allreduce_(buf, comm):
     """Sum `buf` over all ranks in place with the library's MPI_Allreduce (the reference).
 
@@ -45,6 +46,7 @@ def mpi_allreduce_(buf, comm):
     return {"steps": None, "bytes_sent": None, "bytes_recv": None}
 
 
+@utils.traced("all", late=True)
 def ring_allreduce_(buf, comm):
     """Sum `buf` over all ranks in place with a ring: reduce-scatter, then all-gather.
 
@@ -85,6 +87,7 @@ def ring_allreduce_(buf, comm):
     return stats
 
 
+@utils.traced("all", late=True)
 def tree_allreduce_(buf, comm):
     """Sum `buf` over all ranks in place: binomial-tree reduce to rank 0, then broadcast.
 
@@ -133,6 +136,7 @@ def broadcast_parameters_(flat_params, comm):
         comm.Bcast(buf, root=0)
 
 
+@utils.traced("all", late=True)
 def average_gradients_(flat_grads, comm, allreduce_, device_ok=False):
     """Sum the flat gradient over the ranks with `allreduce_`, then divide: every rank gets the
     global mean. `device_ok`: a CUDA-aware MPI_Allreduce reads GPU memory itself."""
@@ -274,6 +278,7 @@ def report(replica, plan, parts, progress, t_start):
     """Check the replicas, gather every rank's bytes, and on rank 0 print and save the results."""
     args, comm = plan.args, parts.comm
     check_replicas(replica.flat_params, comm)
+    utils.finish_trace(args, comm)
     counted = args.allreduce != "mpi"  # null in the JSON: the library chose its own algorithm
     per_rank_bytes = comm.gather({"bytes_sent": replica.traffic.sent if counted else None,
                                   "bytes_recv": replica.traffic.received if counted else None},

@@ -184,6 +184,7 @@ def wait_quietly(requests, interval=1e-3):
         time.sleep(interval)
 
 
+@utils.traced("star")  # --trace: one comm span per call
 def send_global_model_(buf, comm, workers):
     """Server: send `buf`, the P global weights, to each rank in `workers`.
     A rank in `workers`: receive them into `buf`, in place."""
@@ -194,6 +195,7 @@ def send_global_model_(buf, comm, workers):
     return {"bytes_sent": 0, "bytes_recv": buf.nbytes}
 
 
+@utils.traced("star", late=True)
 def reduce_weighted_sums_(buf, comm, workers):
     """Server: receive `buf` from each rank in `workers` and store their sum in its own `buf`.
     A rank in `workers`: send its `buf`, [sum_k n_k w_k, sum_k n_k] over the clients it ran.
@@ -456,6 +458,7 @@ def make_shards(args, y_train, comm):
     return [s.to(y_train.device) for s in shards], title
 
 
+@utils.traced("star")
 def round_table(row, comm):
     """Every rank's row of round statistics, to every rank: the rows to the server, the table back.
 
@@ -493,6 +496,7 @@ def round_record(model, test, h, table, t0, args):
 
 def report(replica, parts, progress, t_start, about, args):
     """Server: print the final line and save the results, `about` being what the run was."""
+    utils.finish_trace(args, parts.comm)
     if parts.comm.Get_rank() != SERVER:
         return
     history = progress["history"]

@@ -8,9 +8,11 @@ meets them in three calls:
 `parts` is the script's own record of what a feature may replace (its Parts: the communicator,
 the gradient average, what wraps a step's compute, the epoch), filled with the assignment's own
 functions; configure replaces those that the flags ask for. At the defaults it replaces nothing.
+--trace (extensions/timeline.py) is every script's: utils.setup starts it, configure hands the
+script a communicator that times each call, and the script's report() ends it.
 """
 import utils
-from extensions import async_ps, compression, drift, elastic, fed_algorithms, stragglers
+from extensions import async_ps, compression, drift, elastic, fed_algorithms, stragglers, timeline
 
 FEATURES = {  # the features each script takes, in the order --help shows them
     "dist_sgd_serverless": (compression, stragglers, elastic),
@@ -34,8 +36,9 @@ def configure(args, script, parts, replica, plan, data=None):
     if script == "dist_sgd_param_server" and args.mode != "sync":
         parts.train_epoch = async_ps.MODES[args.mode]
     parts.straggle = stragglers.slowdown(args, parts.comm.Get_rank(), replica.flat_params.device)
-    if args.elastic:  # last: it wraps the epoch and the average chosen above
+    if args.elastic:  # it wraps the epoch and the average chosen above
         elastic.configure(script, parts, replica, plan)
+    parts.comm = timeline.watch(parts.comm, utils.TRACER)  # --trace: last, to time every call
     return parts
 
 
@@ -47,6 +50,8 @@ def configure_fed_avg(args, parts, replica, fed, data):
         parts.meter = drift.DriftMeter(replica.model, fed.shards, y_train, fed.host, test)
     if args.elastic:
         elastic.survive_clients(parts, replica, fed)
+    timeline.name_clients(utils.TRACER, parts.comm.Get_rank(), fed.host)
+    parts.comm = timeline.watch(parts.comm, utils.TRACER)
     return parts
 
 

@@ -203,7 +203,8 @@ class EpochServer:
     def receive_any(self):
         """Wait for the first gradient to arrive, and hold it for Server.next_update."""
         try:
-            w = MPI.Request.Waitany(self.requests) + 1
+            with utils.span("wait", "wait for a worker"):  # --trace: the server idling
+                w = MPI.Request.Waitany(self.requests) + 1
         except MPI.Exception as e:
             self.drop_lost_workers(e)
             return

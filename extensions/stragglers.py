@@ -78,5 +78,6 @@ def slowdown(args, rank, device):
         t0 = time.perf_counter()
         yield
         utils.sync(device)  # the GPU's queued kernels are part of the compute time
-        wait((factor - 1) * (time.perf_counter() - t0))
+        with utils.span("compute", f"slowed {factor:g}x"):  # --trace: part of its compute
+            wait((factor - 1) * (time.perf_counter() - t0))
     return straggle
