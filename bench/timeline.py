@@ -106,7 +106,8 @@ def cost_runs(out, tiny):
             path = os.path.join(folder, f"{mode}_{k}.json")
             if os.path.exists(path):
                 continue
-            flags = [*COST, "--results", path, *(["--dataset", "synthetic"] if tiny else [])]
+            flags = [*COST, "--results", path,
+                     *(["--dataset", "synthetic", "--max-steps", "5"] if tiny else [])]
             if mode == "on":  # the trace itself is not kept: the step times are the record
                 flags += ["--trace", os.path.join(tempfile.mkdtemp(), "trace.json.gz")]
             print(f"timeline: cost, tracing {mode}, run {k + 1} of {COST_REPEATS}", flush=True)

@@ -252,3 +252,19 @@ def test_timeline_md_is_what_the_records_render(pictures, tmp_path):
     bt.render_md(bt.OUT, facts, str(tmp_path / "TIMELINE.md"))
     committed = open(os.path.join(ROOT, "bench", "TIMELINE.md")).read()
     assert (tmp_path / "TIMELINE.md").read_text() == committed, "run: python bench/timeline.py --render-only"
+
+
+@pytest.mark.slow
+def test_the_bench_traces_and_draws_end_to_end(tmp_path):
+    """bench/timeline.py --tiny: every run traced (the emulated cluster's too), the cost runs, the
+    pictures and TIMELINE.md, into a scratch folder; a second call skips what exists."""
+    proc = python("bench/timeline.py", "--tiny", "--out", tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bt = bench_timeline()
+    for name in bt.RUNS:
+        assert (tmp_path / f"{name}.json.gz").exists(), name
+    for name in bt.SENTENCES:
+        assert (tmp_path / f"timeline_{name}.png").exists(), name
+    assert "## What tracing costs" in (tmp_path / "TIMELINE.md").read_text()
+    again = python("bench/timeline.py", "--tiny", "--out", tmp_path, timeout=300)
+    assert again.returncode == 0 and "tracing" not in again.stdout, again.stdout
