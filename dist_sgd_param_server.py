@@ -58,6 +58,8 @@ def gather_gradients_(buf, comm):
     receives at once and takes the messages in whatever order they arrive, so no worker
     waits for a slower one to be received first.
     """
+    ### BEGIN SOLUTION
+    # Q3: each worker sends its gradient; the server receives worker w's into row w - 1
     if comm.Get_rank() == SERVER:
         requests = [comm.Irecv(buf[w - 1], source=w, tag=GRADIENTS)
                     for w in range(1, comm.Get_size())]
@@ -65,18 +67,22 @@ def gather_gradients_(buf, comm):
         return {"bytes_sent": 0, "bytes_recv": buf.nbytes}  # W x P x 4
     comm.Send(buf, dest=SERVER, tag=GRADIENTS)
     return {"bytes_sent": buf.nbytes, "bytes_recv": 0}
+    ### END SOLUTION
 
 
 @utils.traced("star")
 def send_parameters_(buf, comm):
     """Send the server's flat parameters `buf` (P,) to every worker, one Isend each; a worker
     receives them into its `buf`, in place."""
+    ### BEGIN SOLUTION
+    # Q3: the server sends its parameters to every worker, which receives them into buf
     if comm.Get_rank() == SERVER:
         requests = [comm.Isend(buf, dest=w, tag=PARAMETERS) for w in range(1, comm.Get_size())]
         MPI.Request.Waitall(requests)
         return {"bytes_sent": (comm.Get_size() - 1) * buf.nbytes, "bytes_recv": 0}
     comm.Recv(buf, source=SERVER, tag=PARAMETERS)
     return {"bytes_sent": 0, "bytes_recv": buf.nbytes}
+    ### END SOLUTION
 
 
 # ----- the two roles -----
@@ -106,7 +112,10 @@ class Plan:
 def average_gradients_(flat_grads, inbox):
     """The mean of the W gradients in the server's inbox: the global batch's mean gradient, as
     every worker's share has the same size. (--elastic weighs unequal shares instead.)"""
+    ### BEGIN SOLUTION
+    # Q3: flat_grads = the mean of the W gradients in the inbox
     flat_grads.copy_(inbox.sum(dim=0)).div_(len(inbox))
+    ### END SOLUTION
 
 
 def server_step(replica, parts, lr, clip_norm, device_ok):
@@ -117,11 +126,14 @@ def server_step(replica, parts, lr, clip_norm, device_ok):
     with utils.staged(inbox) as buf:  # (W, P): on the host unless MPI reads GPU memory
         replica.traffic.add(gather_gradients_(buf, parts.comm))
     t0 = time.perf_counter()
+    ### BEGIN SOLUTION
+    # Q3: average the inbox (parts.average_), clip, set the lr, take the SGD step
     parts.average_(replica.flat_grads, inbox)
     # the global batch's gradient, as cent_sgd.py clips
     utils.clip_gradients_(replica.optimizer, clip_norm)
     utils.set_lr(replica.optimizer, lr)
     replica.optimizer.step()
+    ### END SOLUTION
     utils.sync(replica.flat_params.device)
     update_time = time.perf_counter() - t0
     with utils.staged(replica.flat_params, device_ok, write=False) as buf:

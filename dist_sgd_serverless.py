@@ -42,8 +42,11 @@ def mpi_allreduce_(buf, comm):
     Open MPI picks the algorithm by message size and process count, so steps and bytes
     are unknown here and reported as None.
     """
+    ### BEGIN SOLUTION
+    # Q2: sum buf over all ranks in place with one comm.Allreduce; counts: None
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     return {"steps": None, "bytes_sent": None, "bytes_recv": None}
+    ### END SOLUTION
 
 
 @utils.traced("all", late=True)
@@ -58,6 +61,8 @@ def ring_allreduce_(buf, comm):
       sends    2P - c[(r+1) % N] - c[(r+2) % N]  elements,
       receives 2P - c[r]         - c[(r+1) % N]  elements.
     """
+    ### BEGIN SOLUTION
+    # Q7: the ring all-reduce: reduce-scatter, then all-gather; count steps, bytes
     rank, n = comm.Get_rank(), comm.Get_size()
     stats = {"steps": 2 * (n - 1), "bytes_sent": 0, "bytes_recv": 0}
     if n == 1:
@@ -85,6 +90,7 @@ def ring_allreduce_(buf, comm):
         stats["bytes_sent"] += send.nbytes
         stats["bytes_recv"] += recv.nbytes
     return stats
+    ### END SOLUTION
 
 
 @utils.traced("all", late=True)
@@ -97,6 +103,8 @@ def tree_allreduce_(buf, comm):
     Rank r > 0 has one parent and children r + 2^k for 2^k < lowbit(r) and r + 2^k < N
     (rank 0: all 2^k < N); it sends and receives (parent + children) * P elements.
     """
+    ### BEGIN SOLUTION
+    # Q7: the tree all-reduce: binomial-tree reduce to rank 0, then broadcast
     rank, n = comm.Get_rank(), comm.Get_size()
     masks = [1 << k for k in range((n - 1).bit_length())]  # ceil(log2 N) rounds
     stats = {"steps": 2 * len(masks), "bytes_sent": 0, "bytes_recv": 0}
@@ -124,6 +132,7 @@ def tree_allreduce_(buf, comm):
             comm.Recv(buf, source=rank - mask)
             stats["bytes_recv"] += buf.nbytes
     return stats
+    ### END SOLUTION
 
 
 ALLREDUCE = {"mpi": mpi_allreduce_, "ring": ring_allreduce_, "tree": tree_allreduce_}
@@ -140,10 +149,13 @@ def broadcast_parameters_(flat_params, comm):
 def average_gradients_(flat_grads, comm, allreduce_, device_ok=False):
     """Sum the flat gradient over the ranks with `allreduce_`, then divide: every rank gets the
     global mean. `device_ok`: a CUDA-aware MPI_Allreduce reads GPU memory itself."""
+    ### BEGIN SOLUTION
+    # Q2: sum flat_grads over the ranks with allreduce_, divide by N; return its counts
     with utils.staged(flat_grads, device_ok) as buf:
         moved = allreduce_(buf, comm)
     flat_grads.div_(comm.Get_size())
     return moved
+    ### END SOLUTION
 
 
 # ----- training -----

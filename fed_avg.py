@@ -99,12 +99,15 @@ def split_indices(labels, num_clients, method, seed, alpha=None):
     if method == "iid":
         parts = np.array_split(rng.permutation(len(y)), num_clients)
     elif alpha is None:
+        ### BEGIN SOLUTION
+        # Q5: the non-iid split: sort by label, cut 2N shards, deal each client 2
         order = rng.permutation(len(y))
         order = order[np.argsort(y[order], kind="stable")]  # sorted by label, random within a label
         shards = np.array_split(order, 2 * num_clients)
         deal = rng.permutation(2 * num_clients)
         parts = [np.concatenate([shards[deal[2 * i]], shards[deal[2 * i + 1]]])
                  for i in range(num_clients)]
+        ### END SOLUTION
     else:
         pieces = [[] for _ in range(num_clients)]
         for c in np.unique(y):
@@ -287,6 +290,8 @@ def client_update(model, train, fed, k, round_, local):
     batches = client_batches(shard, args.batch_size, args.local_epochs,
                              utils.stream_seed(args.seed, round_, k))
     loss_sum = torch.zeros((), device=x_train.device)
+    ### BEGIN SOLUTION
+    # Q4: the client's local SGD steps over `batches` (lr, zero_grad, step, clip)
     for s, (idx, flip) in enumerate(itertools.islice(batches, steps)):
         lr = utils.lr_at(round_ * steps + s, args.rounds * steps, args.lr, args.warmup)
         utils.set_lr(optimizer, lr)
@@ -295,6 +300,7 @@ def client_update(model, train, fed, k, round_, local):
         # the loss's gradient, before a variant amends it
         utils.clip_gradients_(optimizer, args.clip_norm)
         step_(optimizer, lr)
+    ### END SOLUTION
     return loss_sum.item(), steps
 
 
@@ -315,7 +321,10 @@ def server_round(replica, parts, workers):
         with utils.staged(t, read=False) as buf:
             traffic.add(reduce_weighted_sums_(buf, comm, workers))
     # the FedAvg step (FedAvg: w = the average)
+    ### BEGIN SOLUTION
+    # Q4: set the global weights to sum n_k w_k / sum n_k (algo.server_update_)
     algo.server_update_(replica.flat_params, sums[:-1] / sums[-1])
+    ### END SOLUTION
     return send_time, uploads
 
 
@@ -339,8 +348,11 @@ def client_round(replica, train, fed, parts, clients, round_):
         local = algo.local_step(k, global_weights), algo.local_loss(k, train[1][fed.shards[k]])
         loss, steps = client_update(replica.model, train, fed, k, round_, local)
         algo.client_done_(k, len(fed.shards[k]), global_weights)
+        ### BEGIN SOLUTION
+        # Q4: add client k's n_k * w_k and n_k to sums
         sums[:-1] += len(fed.shards[k]) * flat_params  # n_k w_k
         sums[-1] += len(fed.shards[k])                 # n_k
+        ### END SOLUTION
         loss_sum, n_steps = loss_sum + loss, n_steps + steps
     utils.sync(flat_params.device)
     train_time = time.perf_counter() - t0

@@ -6,8 +6,6 @@ The split tests use CIFAR-sized fake labels (50,000, 5,000 per class) and need n
 The end-to-end tests run fed_avg.py on the synthetic set and compare the server's final
 model with a plain single-process computation of what it should be.
 """
-import functools
-import itertools
 import json
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 
 import fed_avg
 import utils
+from grading.checks import fedavg_reference, round_batches, synthetic_train
 from mpi import check, mpirun
 
 CIFAR_LABELS = torch.arange(50_000) % 10
@@ -119,56 +118,8 @@ def test_plot_split_writes_a_png(tmp_path, alpha):
 
 # ----------------------------------------------------------------------------- references
 # What fed_avg.py should compute, written plainly in one process, one client after another.
+# FedAvg's own (fedavg_reference) is grading/checks.py's, which the grader uses too.
 # The lr follows the script's schedule with --warmup 0: one cycle over each client's steps.
-
-@functools.lru_cache(maxsize=1)
-def synthetic_train():
-    (x, y), _ = utils.make_synthetic(seed=1234)  # what utils.load_data gives for --dataset synthetic
-    return x, y
-
-
-def model_with(weights):
-    """A fresh utils.Net holding the flat `weights` (in the order parameters_vector gives)."""
-    model = utils.make_model(torch.device("cpu"), seed=0)
-    offset = 0
-    for p in model.parameters():
-        p.data.copy_(weights[offset:offset + p.numel()].view_as(p))  # copy_ keeps channels-last
-        offset += p.numel()
-    return model
-
-
-def round_batches(shards, k, r, steps, batch_size, seed):
-    """Client k's first `steps` (indices, flips) batches in round r, drawn as fed_avg.py draws them."""
-    batches = fed_avg.client_batches(shards[k], batch_size, 1, utils.stream_seed(seed, r, k))
-    return list(itertools.islice(batches, steps))
-
-
-def fedavg_reference(shards, clients_per_round, *, local_steps, batch_size=16, lr=0.05,
-                     momentum=0.0, weight_decay=5e-4, weighted=True, seed=0):
-    """McMahan et al.'s FedAvg: each round, every sampled client k starts from the global
-    weights w, takes `local_steps` SGD steps on its shard, and w = sum n_k w_k / sum n_k.
-    Each step clips its gradient's norm as the script's clients do (--clip-norm)."""
-    x, y = synthetic_train()
-    w = utils.parameters_vector(utils.make_model(torch.device("cpu"), seed))
-    total_steps = len(clients_per_round) * local_steps
-    for r, clients in enumerate(clients_per_round):
-        weighted_sum, count = torch.zeros_like(w), 0
-        for k in clients:
-            model = model_with(w)
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                                        nesterov=momentum > 0, weight_decay=weight_decay)
-            for s, (idx, flip) in enumerate(round_batches(shards, k, r, local_steps, batch_size, seed)):
-                optimizer.param_groups[0]["lr"] = utils.lr_at(r * local_steps + s, total_steps, lr, 0)
-                optimizer.zero_grad()
-                utils.train_step(model, x[idx], y[idx], flip)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), utils.CLIP_NORM)
-                optimizer.step()
-            n_k = len(shards[k]) if weighted else 1
-            weighted_sum += n_k * utils.parameters_vector(model)
-            count += n_k
-        w = weighted_sum / count
-    return w
-
 
 def data_parallel_reference(shards, rounds, *, steps_per_round, batch_size=16, lr=0.05,
                             weight_decay=5e-4, seed=0):

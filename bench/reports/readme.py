@@ -104,7 +104,7 @@ def q7_note(b):
     small, large = (min(r["bytes"] for r in ar[max(ns)]["rows"]), max(r["bytes"] for r in ar[max(ns)]["rows"]))
     lo, hi = at_size(ar[max(ns)], small), at_size(ar[max(ns)], large)
     return (f"(`mpirun -n N python bench/allreduce.py`, N = {' and '.join(map(str, ns))}, from the bench run of "
-            f"[Performance](#performance) on {machine_of_run(run)}: "
+            f"[the bench](docs/performance.md) on {machine_of_run(run)}: "
             + " and ".join(f"`results/reference/bench/allreduce_n{n}.json`" for n in ns)
             + f"; median of {ar[ns[0]]['repeats']} calls, each the slowest rank's time; `copy` is the physical "
             "floor, a memcpy of the buffer timed in the same run, times 2(N−1)/N, a ring's traffic per rank. "
