@@ -160,7 +160,7 @@ def write_code(out):
 
 # ----- the notebook -----
 
-DROP_TAGS = ("answer-", "run-note", "q6-check")  # a cell with a tag starting so is left out
+DROP_TAGS = ("answer-", "run-note", "q6-check", "timeline-")  # cells with such a tag: left out
 DROP_CODE = ("bench/", "allreduce_n")  # a code cell that runs or shows bench/, left out
 ANSWER_BLOCK = re.compile(r"<!-- begin: (answer-[\w-]+) -->.*?<!-- end: \1 -->\n?", re.S)
 ANSWER_TAIL = re.compile(r"\n*\*\*Answer \(Q\d+\)\.\*\*.*", re.S)  # an answer in a question's cell
