@@ -28,7 +28,11 @@ import torch  # noqa: E402
 import utils  # noqa: E402
 from run import MPIRUN  # noqa: E402  (bench/ is on sys.path)
 
-REL_TOL = 1e-4
+# Other CPUs round otherwise, and FedAvg on the non-iid shards (2 rounds of momentum SGD on
+# 2-class clients) carries it furthest: at the code of b1fcfae its fingerprint moved by 5.4e-4
+# of the update's norm between an AMD EPYC and an Intel Xeon host. A changed computation (an lr
+# 2% off, tests/test_fingerprints.py) moves it by far more than REL_TOL.
+REL_TOL = 2e-3
 DIRECTIONS = 6
 # Flags added after records were made, with the value that computes what the code did before them.
 # A record's config without the key replays with that value, so older records stay checkable.
