@@ -10,6 +10,8 @@ The jobs, in this order:
     results/reference/runs/<name>_seed<k>.json;
   - the full benchmark, `python bench/run.py`, into results/reference/bench/ (it times the all-reduces
     of Q7 at N = 2 and 4, from 1 KB to 16 MB, too);
+  - the autograder on the solution, the handout and each seeded bug, `python bench/autograder.py`,
+    into results/reference/grading/;
   - the notebook, top to bottom, its scripts' records into results/reference/notebook/.
 A job whose record exists is skipped when that record is still valid: for a script run, when its
 stored fingerprint (bench/fingerprint.py) equals the one computed at this code; for the bench, when
@@ -49,7 +51,7 @@ HEADLINE = {
     "fed_avg_non-iid": ("Q5", 5, "fed_avg.py", ["--split-method", "non-iid"]),
 }
 MINUTES = {"cent_sgd": 5, "dist_sgd_serverless": 5, "dist_sgd_param_server": 6, "fed_avg_iid": 6,
-           "fed_avg_non-iid": 6, "bench": 12, "notebook": 60}  # a guess, until a job of the kind has run
+           "fed_avg_non-iid": 6, "bench": 12, "autograder": 15, "notebook": 60}  # a guess, until a job of the kind has run
 HEAVY = 0.25  # share of one core over a second that makes another process "heavy"
 
 
@@ -133,6 +135,8 @@ def jobs():
             out.append((f"{name} seed {seed}", name, path, cmd, {}))
     out.append(("bench", "bench", os.path.join(RECORDS, "bench", "run.json"),
                 [sys.executable, os.path.join("bench", "run.py")], {}))
+    out.append(("autograder", "autograder", os.path.join(RECORDS, "grading", "run.json"),
+                [sys.executable, os.path.join("bench", "autograder.py")], {}))
     notebook = os.path.join("results", "reference", "notebook")  # HW5_RESULTS: where its scripts write
     out.append(("notebook", "notebook", os.path.join(ROOT, notebook, "notebook.json"),
                 [sys.executable, "-m", "jupyter", "execute", "HW5.ipynb", "--inplace"], {"HW5_RESULTS": notebook}))
@@ -152,6 +156,9 @@ def script_records(kind, path):
 
 def done(kind, path):
     """Whether the record at `path` is still valid for this code (see the docstring)."""
+    if kind == "autograder":  # it keeps a record of its own per grading
+        import autograder
+        return autograder.complete()
     if not os.path.exists(path):
         return False
     with open(path) as f:

@@ -22,7 +22,7 @@ import difflib
 import os
 import sys
 
-from reports import docs_fedavg, docs_performance, notebook, readme  # bench/ is on sys.path
+from reports import docs_fedavg, docs_grading, docs_performance, notebook, readme  # bench/ is on sys.path
 from reports.fragments import fill, missing
 from reports.records import ROOT, records, smoke_test_records
 from reports.results_md import RESULTS_MD, render_results
@@ -53,7 +53,8 @@ def generated(folder):
 def markdown_texts(R):
     """{path: (current text, generated text)} of README.md and docs/*.md, which share one set of fragments:
     a fragment may move from one page to another without a change here."""
-    fragments = {**readme.fragments(R), **docs_performance.fragments(R), **docs_fedavg.fragments(R)}
+    fragments = {**readme.fragments(R), **docs_performance.fragments(R), **docs_fedavg.fragments(R),
+                 **docs_grading.fragments(R)}
     out, found = {}, []
     for path in markdown_pages():
         with open(path) as f:

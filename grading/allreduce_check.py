@@ -7,7 +7,9 @@ repo's, for tests/test_allreduce.py). Checks every group size N = 1..5 in one la
 N ranks, split off COMM_WORLD, for each N in turn), and for each N the buffer sizes that stress
 the chunking (1, N-1, N, N+1, ~3000), against comm.Allreduce itself. Every rank prints its
 failures; rank 0 prints "allreduce OK: N=..." for each N without any. Exits non-zero on any
-failure.
+failure. The bytes are measured twice: as the function reports them, and on the wire (Wire: the
+messages it sends and receives), so that counts written by hand, or a "ring" that calls MPI's
+own all-reduce, fail.
 """
 import os
 import sys
@@ -15,39 +17,77 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from grading import formulas  # noqa: E402
+
+sys.path.insert(0, os.getcwd())  # before the grader's folder: the submission's script
 from dist_sgd_serverless import ALLREDUCE  # noqa: E402
 
 
-def expected_ring(rank, n, p, itemsize):
-    """Bytes sent and received by `rank` in a ring all-reduce of p elements."""
-    c = [len(chunk) for chunk in np.array_split(np.empty(p), n)]
-    sent = 2 * p - c[(rank + 1) % n] - c[(rank + 2) % n]
-    recv = 2 * p - c[rank] - c[(rank + 1) % n]
-    return 2 * (n - 1), sent * itemsize, recv * itemsize
+EXPECTED = {"ring": formulas.ring, "tree": formulas.tree}
+# calls that communicate but are no message of a buffer: a collective (an "all-reduce" that calls
+# MPI's is no ring), or mpi4py's lowercase calls, which pickle
+OTHER = {"Allreduce", "Iallreduce", "Reduce", "Ireduce", "Bcast", "Ibcast", "Allgather",
+         "Allgatherv", "Reduce_scatter", "Reduce_scatter_block", "Gather", "Scatter", "Alltoall",
+         "Scan", "Exscan", "send", "recv", "sendrecv", "isend", "irecv", "bcast", "reduce",
+         "allreduce", "gather", "scatter", "allgather", "alltoall"}
 
 
-def expected_tree(rank, n, p, itemsize):
-    """Bytes sent and received by `rank` in a binomial-tree reduce + broadcast."""
-    rounds = int(np.ceil(np.log2(n))) if n > 1 else 0
-    lowbit = rank & -rank if rank else n  # rank 0 is the root: every 2^k < n is a child
-    children = sum(1 for k in range(rounds) if 2**k < lowbit and rank + 2**k < n)
-    edges = children + (rank > 0)  # one whole-buffer message each way per edge
-    return 2 * rounds, edges * p * itemsize, edges * p * itemsize
+def nbytes(buf):
+    """The bytes of an mpi4py buffer argument: an array, or [array, ...] / (array, ...)."""
+    return getattr(buf[0] if isinstance(buf, (list, tuple)) else buf, "nbytes", 0)
 
 
-EXPECTED = {"ring": expected_ring, "tree": expected_tree}
+class Wire:
+    """`comm` as an all-reduce sees it, measuring what it puts on the wire: the bytes of its
+    buffer messages (Send, Recv, Sendrecv, Isend, Irecv; a Recv counts what arrived), and the
+    names of the other calls that communicate. Everything else goes to `comm` itself."""
+
+    def __init__(self, comm):
+        self.comm, self.sent, self.received, self.other = comm, 0, 0, set()
+
+    def __getattr__(self, name):
+        if name in OTHER:
+            self.other.add(name)
+        return getattr(self.comm, name)
+
+    def Send(self, buf, dest, tag=0):
+        self.sent += nbytes(buf)
+        return self.comm.Send(buf, dest, tag)
+
+    def Isend(self, buf, dest, tag=0):
+        self.sent += nbytes(buf)
+        return self.comm.Isend(buf, dest, tag)
+
+    def Recv(self, buf, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=None):
+        status = status or MPI.Status()
+        self.comm.Recv(buf, source, tag, status)
+        self.received += status.Get_count(MPI.BYTE)
+
+    def Irecv(self, buf, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG):
+        self.received += nbytes(buf)  # what fits: a request's count is known only at its Wait
+        return self.comm.Irecv(buf, source, tag)
+
+    def Sendrecv(self, sendbuf, dest, sendtag=0, recvbuf=None, source=MPI.ANY_SOURCE,
+                 recvtag=MPI.ANY_TAG, status=None):
+        status = status or MPI.Status()
+        self.comm.Sendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
+        self.sent += nbytes(sendbuf)
+        self.received += status.Get_count(MPI.BYTE)
 
 
 def check_one(name, x, reference, comm):
     """The failures of all-reduce `name` on buffer `x` (reference: its MPI_Allreduce sum)."""
     rank, n, p = comm.Get_rank(), comm.Get_size(), len(x)
-    buf = x.copy()
+    buf, wire = x.copy(), Wire(comm)
     try:
-        stats = ALLREDUCE[name](buf, comm)
+        stats = ALLREDUCE[name](buf, wire)
     except NotImplementedError as e:  # a handout's TODO: the same on every rank, at the start
         return [f"{name}: not implemented yet: {e}"]
     failures = []
+    if wire.other:
+        failures.append(f"{name} P={p}: calls {', '.join(sorted(wire.other))}: write it with "
+                        "messages of buffers (Send, Recv, Sendrecv)")
     if not np.allclose(buf, reference, rtol=1e-5):
         err = np.max(np.abs(buf - reference))
         failures.append(f"{name} P={p}: max abs error {err:.3g} vs MPI_Allreduce")
@@ -56,15 +96,14 @@ def check_one(name, x, reference, comm):
     comm.Bcast(root_buf, root=0)
     if not np.array_equal(buf, root_buf):
         failures.append(f"{name} P={p}: result differs from rank 0's")
-    expected = EXPECTED[name](rank, n, p, x.itemsize)
-    got = (stats["steps"], stats["bytes_sent"], stats["bytes_recv"])
-    if got != expected:
-        failures.append(f"{name} P={p}: (steps, sent, recv) = {got}, expected {expected}")
-    # Every byte sent is received by someone.
-    total_sent = comm.allreduce(stats["bytes_sent"])
-    total_recv = comm.allreduce(stats["bytes_recv"])
-    if total_sent != total_recv:
-        failures.append(f"{name} P={p}: {total_sent} B sent != {total_recv} B received")
+    steps, sent, received = EXPECTED[name](rank, n, p, x.itemsize)
+    if (wire.sent, wire.received) != (sent, received):
+        failures.append(f"{name} P={p}: its messages moved (sent, received) = "
+                        f"{(wire.sent, wire.received)} bytes, the formula says {(sent, received)}")
+    reported = (stats["steps"], stats["bytes_sent"], stats["bytes_recv"])
+    if reported != (steps, sent, received):
+        failures.append(f"{name} P={p}: it reports (steps, sent, recv) = {reported}, "
+                        f"expected {(steps, sent, received)}")
     return failures
 
 

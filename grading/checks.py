@@ -1,5 +1,6 @@
-"""The graded checks of HW5: one source for grading/grade.py and the tests (tests/test_grading.py
-runs them on the solution, tests/test_fed_avg.py uses the FedAvg reference below).
+"""The graded checks of HW5: one source for grading/grade.py and the tests. tests/test_grading.py
+runs every check on the solution; tests/test_serverless.py and test_param_server.py measure with
+distance_to_centralized, tests/test_fed_avg.py with fedavg_reference, on the same Context.
 
 Each check runs a submission's scripts (a folder laid out like the handout) under mpirun on the
 synthetic set, with a deadline: a hang or a crash fails that check, and grading goes on. A check
@@ -15,27 +16,21 @@ import itertools
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from grading import formulas  # noqa: E402
+from grading.launch import Timeout, in_process, launch, mpirun_cmd  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the reference code: the solution's repo, or the autograder's copy
-# Open MPI's launcher now and then fails before any rank runs (bench/cluster.py's LAUNCHER_FLAKE):
-# that launch ran nothing, so it is run once more
-LAUNCHER_FLAKE = "The PMIx server's listener thread failed to start"
-ENV = {"PYTHONUNBUFFERED": "1", "OMPI_MCA_btl": os.environ.get("OMPI_MCA_btl", "^ofi")}
 # 4 plain SGD steps on the synthetic set: what the equivalence checks train
 QUICK = ["--dataset", "synthetic", "--momentum", "0", "--lr", "0.05", "--max-steps", "4"]
 B = 16  # per-rank (per-worker) batch of the equivalence checks
 # float32 sums in another order differ by ~1e-7 relative; a wrong sample or scale by far more
 ATOL = 2e-5
 TODO = re.compile(r"not implemented yet: (Q\d+: .*)")
-
-
-class Timeout(Exception):
-    pass
 
 
 @dataclasses.dataclass
@@ -57,29 +52,11 @@ def check(name, question, timeout, what):
     return register
 
 
+class Failed(Exception):
+    """A run that did not end as it should; the message says why, for the student."""
+
+
 # ----- running a submission -----
-
-def launch(cmd, cwd, timeout):
-    """Run cmd in its own process group and return the CompletedProcess; on a timeout kill the
-    group (mpirun and every rank) and raise Timeout."""
-    cmd = list(map(str, cmd))
-    for attempt in range(2):
-        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=max(1, timeout))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise Timeout(f"`{' '.join(map(str, cmd[-8:]))}` timed out after {timeout:.0f} s")
-        if not (attempt == 0 and proc.returncode and LAUNCHER_FLAKE in err and not out):
-            return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def mpirun_cmd(n, *args):
-    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(n), sys.executable,
-            *map(str, args)]
-
 
 def failure(proc):
     """One line on why a run failed: the TODO it stopped at, else the last lines it wrote."""
@@ -93,11 +70,16 @@ def failure(proc):
 
 class Context:
     """One grading: the submission's folder, a scratch folder, and the runs the checks share
-    (cached: a run two checks need, or a reference, is made once)."""
+    (cached: a run two checks need, or a reference, is made once). The tests grade the solution
+    with one Context, so that a run a test needs and a check needs is made once too."""
 
     def __init__(self, folder, scratch):
-        self.folder, self.scratch, self.deadline = folder, scratch, None
-        self.cache = {}
+        self.folder, self.scratch, self.cache = folder, scratch, {}
+        self.start(600)
+
+    def start(self, timeout):
+        """Give what runs next (a check, or a test) `timeout` seconds for its runs together."""
+        self.deadline = time.monotonic() + timeout
 
     def remaining(self):
         return self.deadline - time.monotonic()
@@ -115,33 +97,48 @@ class Context:
             raise self.cache[key]
         return self.cache[key]
 
-    def script(self, n, script, *flags):
-        """Run a submission's script on n ranks with `flags`; its outputs go to the scratch folder.
-        Returns (CompletedProcess, folder of its results.json and model.pt)."""
-        key = (n, script, *map(str, flags))
+    def outputs(self, key):
+        """A folder of the scratch folder for the outputs of the run `key`."""
         out = os.path.join(self.scratch, re.sub(r"[^\w.-]+", "_", "-".join(map(str, key))))
         os.makedirs(out, exist_ok=True)
+        return out
+
+    def script(self, n, script, *flags, mca=None):
+        """Run a submission's script on n ranks with `flags` (and `--mca` pairs); its outputs go
+        to the scratch folder. Returns (CompletedProcess, folder of its results.json and model.pt)."""
+        key = (n, script, *map(str, flags), *sorted((mca or {}).items()))
+        out = self.outputs(key)
         extra = ["--results", f"{out}/results.json", "--save-model", f"{out}/model.pt"]
         if script == "fed_avg.py":
             extra += ["--figures-dir", out]
-        proc = self.run(key, mpirun_cmd(n, script, *flags, *extra), self.folder)
+        proc = self.run(key, mpirun_cmd(n, script, *flags, *extra, mca=mca), self.folder)
         return proc, out
 
+    def trained(self, n, script, *flags, mca=None):
+        """(final weights, results) of a run of the submission's script; Failed if it failed."""
+        import torch
+        proc, out = self.script(n, script, *flags, mca=mca)
+        if proc.returncode:
+            raise Failed(failure(proc))
+        return torch.load(f"{out}/model.pt"), results(out)
+
     def centralized(self, batch, *flags):
-        """The reference: ROOT's cent_sgd.py on the global batch; its final weights."""
+        """The reference: ROOT's cent_sgd.py (given code, which cannot hang) on the global batch,
+        run in this process; its final weights."""
         import torch
         key = ("cent", batch, *map(str, flags))
-        out = os.path.join(self.scratch, f"cent-{batch}-{'-'.join(map(str, flags))}")
-        os.makedirs(out, exist_ok=True)
-        proc = self.run(key, [sys.executable, "cent_sgd.py", *QUICK, "--batch-size", batch, *flags,
-                              "--results", f"{out}/r.json", "--save-model", f"{out}/model.pt"],
-                        ROOT)
-        if proc.returncode:
-            raise RuntimeError(f"the reference cent_sgd.py failed: {failure(proc)}")
-        return torch.load(f"{out}/model.pt")
+        if key not in self.cache:
+            out = self.outputs(key)
+            proc = in_process("cent_sgd.py", *QUICK, "--batch-size", batch, *flags,
+                              "--results", f"{out}/r.json", "--save-model", f"{out}/model.pt",
+                              cwd=ROOT)
+            if proc.returncode:
+                raise RuntimeError(f"the reference cent_sgd.py failed: {failure(proc)}")
+            self.cache[key] = torch.load(f"{out}/model.pt")
+        return self.cache[key]
 
 
-def finished(proc, out=None):
+def finished(proc):
     """(passed, line) for a run that must end with `Final test accuracy`."""
     if proc.returncode == 0 and re.search(r"^Final test accuracy: [\d.]+%$", proc.stdout, re.M):
         return True, "ran and printed `Final test accuracy`"
@@ -169,21 +166,32 @@ def serverless_runs(ctx):
                                 "--max-steps", 2)[0])]
 
 
-def equals_centralized(ctx, n, script, ranks, centralized_batch, flags):
+SERVERS = {"dist_sgd_serverless.py": 0, "dist_sgd_param_server.py": 1}  # ranks that train no share
+
+
+def distance_to_centralized(ctx, script, shares, common=(), own=(), mca=None):
+    """(largest difference, final weights, results) of `script` with `shares` training ranks,
+    each on a batch of B, against centralized SGD (cent_sgd.py) on the global batch shares x B.
+    `common` flags go to both, `own` to the script alone, `mca` to its mpirun. Failed if the
+    script failed."""
+    got, record = ctx.trained(shares + SERVERS[script], script, *QUICK, "--batch-size", B,
+                              *common, *own, mca=mca)
+    return (got - ctx.centralized(shares * B, *common)).abs().max().item(), got, record
+
+
+def equals_centralized(ctx, script, shares, common=()):
     """(passed, line): the script's final weights equal centralized SGD's on the global batch."""
-    import torch
-    proc, out = ctx.script(ranks, script, *QUICK, "--batch-size", B, *flags)
-    if proc.returncode:
-        return False, f"N={n}: {failure(proc)}"
-    got, expected = torch.load(f"{out}/model.pt"), ctx.centralized(centralized_batch, *flags)
-    diff = (got - expected).abs().max().item()
-    return diff < ATOL, f"N={n}: largest difference to centralized SGD {diff:.2g} (< {ATOL:g})"
+    try:
+        diff, _, _ = distance_to_centralized(ctx, script, shares, common)
+    except Failed as e:
+        return False, f"N={shares}: {e}"
+    return diff < ATOL, f"N={shares}: largest difference to centralized SGD {diff:.2g} (< {ATOL:g})"
 
 
 @check("serverless_equals_centralized", "Q2", 240,
        "N = 2, 4 ranks (MPI_Allreduce): the weights equal cent_sgd.py's on the batch N x 16")
 def serverless_equals_centralized(ctx):
-    return [equals_centralized(ctx, n, "dist_sgd_serverless.py", n, n * B, []) for n in (2, 4)]
+    return [equals_centralized(ctx, "dist_sgd_serverless.py", n) for n in (2, 4)]
 
 
 @check("param_server_runs", "Q3", 120, "mpirun -n 3 dist_sgd_param_server.py runs to the end")
@@ -192,33 +200,35 @@ def param_server_runs(ctx):
                                 "--max-steps", 2)[0])]
 
 
-PS_CASES = [(2, 0.0), (4, 0.9)]  # (workers, momentum): the momentum lives on the server alone
+# (workers, flags): plain SGD with 2 workers (QUICK's momentum 0), then Nesterov momentum 0.9
+# with 4, which the server alone keeps and centralized SGD still equals
+PS_CASES = [(2, ()), (4, ("--momentum", 0.9))]
 
 
 @check("param_server_equals_centralized", "Q3", 240,
        "N = 2, 4 workers (momentum 0, 0.9): the weights equal cent_sgd.py's on the batch N x 16")
 def param_server_equals_centralized(ctx):
-    return [equals_centralized(ctx, w, "dist_sgd_param_server.py", w + 1, w * B,
-                               ["--momentum", m]) for w, m in PS_CASES]
+    return [equals_centralized(ctx, "dist_sgd_param_server.py", w, flags) for w, flags in PS_CASES]
+
+
+def bytes_case(label, measured, expected):
+    ok = measured == expected
+    return ok, f"{label}bytes per rank {'match' if ok else 'differ from'} the formula" + (
+        "" if ok else f": {measured} != {expected}")
 
 
 @check("param_server_bytes", "Q3", 120,
        "the bytes of Q6: per step each worker sends and receives 4P, the server 4PW each way")
 def param_server_bytes(ctx):
     cases = []
-    for w, m in PS_CASES:
-        proc, out = ctx.script(w + 1, "dist_sgd_param_server.py", *QUICK, "--batch-size", B,
-                               "--momentum", m)
-        if proc.returncode:
-            cases.append((False, f"N={w}: {failure(proc)}"))
+    for w, flags in PS_CASES:
+        try:
+            _, r = ctx.trained(w + 1, "dist_sgd_param_server.py", *QUICK, "--batch-size", B, *flags)
+        except Failed as e:
+            cases.append((False, f"N={w}: {e}"))
             continue
-        r = results(out)
-        p, s = r["params"], r["steps"]
-        expected = [{"bytes_sent": w * 4 * p * s, "bytes_recv": w * 4 * p * s}] \
-            + [{"bytes_sent": 4 * p * s, "bytes_recv": 4 * p * s}] * w
-        ok = r["bytes_per_rank"] == expected
-        cases.append((ok, f"N={w}: bytes per rank {'match' if ok else 'differ from'} the formula"
-                      + ("" if ok else f": {r['bytes_per_rank']} != {expected}")))
+        cases.append(bytes_case(f"N={w}: ", r["bytes_per_rank"],
+                                formulas.param_server(r["params"], r["steps"], w)))
     return cases
 
 
@@ -237,11 +247,10 @@ def fed_avg_runs(ctx):
 @check("fedsgd_weighted", "Q4", 180,
        "FedSGD (1 local step, 4 unequal clients, 2 rounds) equals the n_k-weighted gradient step")
 def fedsgd_weighted(ctx):
-    import torch
-    proc, out = ctx.script(3, "fed_avg.py", *FEDSGD)
-    if proc.returncode:
-        return [(False, failure(proc))]
-    r, got = results(out), torch.load(f"{out}/model.pt")
+    try:
+        got, r = ctx.trained(3, "fed_avg.py", *FEDSGD)
+    except Failed as e:
+        return [(False, str(e))]
     shards = reference_shards(4, "non-iid", 0.5)
     clients = [h["clients"] for h in r["history"]]
     weighted = fedavg_reference(shards, clients, local_steps=1, clip_norm=0)
@@ -255,16 +264,12 @@ def fedsgd_weighted(ctx):
 @check("fed_avg_bytes", "Q4", 120,
        "the bytes of Q6: per round, P floats down to each client rank and P + 1 back")
 def fed_avg_bytes(ctx):
-    proc, out = ctx.script(3, "fed_avg.py", *FEDSGD)
-    if proc.returncode:
-        return [(False, failure(proc))]
-    r = results(out)
-    p, rounds = r["params"], len(r["history"])
-    expected = [{"bytes_sent": rounds * 2 * p * 4, "bytes_recv": rounds * 2 * (p + 1) * 4}] \
-        + [{"bytes_sent": rounds * (p + 1) * 4, "bytes_recv": rounds * p * 4}] * 2
-    ok = r["bytes_per_rank"] == expected
-    return [(ok, f"bytes per rank {'match' if ok else 'differ from'} the formula"
-             + ("" if ok else f": {r['bytes_per_rank']} != {expected}"))]
+    try:
+        _, r = ctx.trained(3, "fed_avg.py", *FEDSGD)
+    except Failed as e:
+        return [(False, str(e))]
+    return [bytes_case("", r["bytes_per_rank"],
+                       formulas.fed_avg(r["params"], len(r["history"]), 2))]
 
 
 @check("fed_avg_noniid_runs", "Q5", 120,

@@ -15,7 +15,9 @@ most --timeout): a hang or a crash scores 0 on that check and grading goes on.
 import argparse
 import json
 import os
+import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,12 +63,12 @@ def load_points(path):
 
 
 def find_submission(folder):
-    """The first folder at or below `folder` that holds one of the students' files."""
+    """The first folder at or below `folder` that holds one of the students' files, or None."""
     for here, dirs, files in sorted(os.walk(folder)):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
         if set(CODE) & set(files):
             return here
-    sys.exit(f"error: no {', '.join(CODE)} under {folder}")
+    return None
 
 
 def prepare(submission, support, work):
@@ -77,7 +79,7 @@ def prepare(submission, support, work):
     shutil.copytree(os.path.join(support, "extensions"), os.path.join(work, "extensions"),
                     ignore=shutil.ignore_patterns("__pycache__"))
     found = find_submission(submission)
-    taken = [name for name in CODE if os.path.isfile(os.path.join(found, name))]
+    taken = [name for name in CODE if found and os.path.isfile(os.path.join(found, name))]
     for name in taken:
         shutil.copy(os.path.join(found, name), work)
     return taken
@@ -85,7 +87,7 @@ def prepare(submission, support, work):
 
 def run_check(check, ctx, timeout):
     """[(passed, line)] of one check, under its deadline; a hang or an error fails it."""
-    ctx.deadline = time.monotonic() + min(check.timeout, timeout)
+    ctx.start(min(check.timeout, timeout))
     try:
         cases = check.run(ctx)
     except checks.Timeout as e:
@@ -95,38 +97,62 @@ def run_check(check, ctx, timeout):
     return cases or [(False, "no cases ran")]
 
 
+def score(check, ctx, points, timeout=600):
+    """Gradescope's entry for one check: its points times the fraction of its cases that pass,
+    and a line per case."""
+    started = time.monotonic()
+    cases = run_check(check, ctx, timeout)
+    passed = sum(ok for ok, _ in cases)
+    lines = [("ok   " if ok else "FAIL ") + line for ok, line in cases]
+    return dict(name=f"{check.question} {check.name}: {check.what}",
+                score=round(points * passed / len(cases), 2), max_score=points,
+                visibility="visible",
+                output="\n".join(lines) + f"\n({time.monotonic() - started:.0f} s)")
+
+
 def grade(submission, results_path, points, only=None, timeout=600, support=None):
     """Grade `submission`; write results.json to `results_path`; return the results dict."""
     t0 = time.monotonic()
-    tests = []
     with tempfile.TemporaryDirectory(prefix="hw5-grade-") as scratch:
         work = os.path.join(scratch, "submission")
         os.makedirs(work)
         taken = prepare(submission, support or checks.ROOT, work)
         ctx = checks.Context(work, scratch)
-        for check in checks.CHECKS:
-            if only and check.name not in only:
-                continue
-            started = time.monotonic()
-            cases = run_check(check, ctx, timeout)
-            passed = sum(ok for ok, _ in cases)
-            score = round(points[check.name] * passed / len(cases), 2)
-            lines = [("ok   " if ok else "FAIL ") + line for ok, line in cases]
-            tests.append(dict(name=f"{check.question} {check.name}: {check.what}", score=score,
-                              max_score=points[check.name], visibility="visible",
-                              output="\n".join(lines) + f"\n({time.monotonic() - started:.0f} s)"))
+        tests = [score(check, ctx, points[check.name], timeout) for check in checks.CHECKS
+                 if taken and (not only or check.name in only)]
+    output = (f"graded {', '.join(taken)} from the submission" if taken else
+              f"found none of {', '.join(CODE)} in the submission: upload those files")
+    output += f"\n(on {environment()})"
     result = dict(score=round(sum(t["score"] for t in tests), 2),
-                  execution_time=round(time.monotonic() - t0),
-                  output=f"graded {', '.join(taken)} from the submission",
-                  tests=tests)
+                  execution_time=round(time.monotonic() - t0), output=output, tests=tests)
     os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
     with open(results_path, "w") as f:
         json.dump(result, f, indent=1)
     return result
 
 
+def environment():
+    """'Python X, torch Y, Open MPI Z': what the checks ran on, for the results' first lines."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "none"
+    try:
+        mpirun = subprocess.run(["mpirun", "--version"], capture_output=True, text=True,
+                                timeout=30).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        mpirun = "no mpirun"
+    made = os.path.join(HERE, "VERSION")  # in the autograder zip: the commit it was made from
+    if os.path.exists(made):
+        with open(made) as f:
+            mpirun += f"; the autograder of commit {f.read().strip()}"
+    return f"Python {platform.python_version()}, torch {torch}, {mpirun}"
+
+
 def print_table(result):
-    width = max(len(t["name"].split(":")[0]) for t in result["tests"])
+    print(result["output"])
+    width = max([len(t["name"].split(":")[0]) for t in result["tests"]] + [5])
     for t in result["tests"]:
         print(f"{t['name'].split(':')[0]:<{width}}  {t['score']:6.2f} / {t['max_score']:<3}")
         for line in t["output"].splitlines():

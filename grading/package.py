@@ -11,6 +11,7 @@ and any file a submission lacks. Gradescope unpacks it into /autograder/source.
 """
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -20,30 +21,45 @@ sys.path.insert(0, os.path.dirname(HERE))
 from grading import handout  # noqa: E402
 
 SETUP = """#!/usr/bin/env bash
-# Gradescope runs this once, as root, in its Ubuntu image, to build the autograder's image.
+# Gradescope runs this once, as root, in its Ubuntu image (22.04 or later: Python 3.10 or later),
+# from /autograder/source, to build the autograder's image.
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export DEBIAN_FRONTEND=noninteractive
 apt-get update
 apt-get install -y python3 python3-pip python3-venv
 python3 -m venv /opt/hw5
 /opt/hw5/bin/pip install --upgrade pip
-# torch's CPU build: Gradescope has no GPU, and the CUDA wheels are several GB
-/opt/hw5/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch torchvision
-/opt/hw5/bin/pip install -r /autograder/source/requirements.txt
+# torch's CPU build: Gradescope has no GPU, and the CUDA wheels are several GB. TORCH_INDEX
+# picks another index (a mirror, or PyPI itself) when this one cannot be reached.
+/opt/hw5/bin/pip install --index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" \\
+    torch torchvision
+/opt/hw5/bin/pip install -r "$here/requirements.txt"
 """
 
 RUN = """#!/usr/bin/env bash
-# Gradescope runs this for each submission; the results must land in
-# /autograder/results/results.json.
+# Gradescope runs this for each submission, from its copy in /autograder (the zip's own copy sits
+# in /autograder/source); the results must land in /autograder/results/results.json.
 set -uo pipefail
+autograder=$(cd "$(dirname "$0")" && pwd)
+[ -d "$autograder/source" ] || autograder=$(dirname "$autograder")
 export PATH=/opt/hw5/bin:$PATH
 export OMPI_MCA_btl=^ofi OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-mkdir -p /autograder/results
-cd /autograder/source
-python grading/grade.py /autograder/submission --results /autograder/results/results.json
+mkdir -p "$autograder/results"
+cd "$autograder/source"
+python grading/grade.py "$autograder/submission" --results "$autograder/results/results.json"
 """
 
-GRADER = ("__init__.py", "checks.py", "grade.py", "handout.py", "allreduce_check.py",
-          "points.toml")
+GRADER = ("__init__.py", "checks.py", "grade.py", "handout.py", "allreduce_check.py", "launch.py",
+          "formulas.py", "points.toml")
+
+
+def version():
+    """The commit this zip is made from, for the results' first lines (grade.environment)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout
+    head = git("rev-parse", "--short=10", "HEAD").strip() or "no git"
+    return head + (" with uncommitted changes" if git("status", "--porcelain") else "")
 
 
 def package(out):
@@ -56,6 +72,7 @@ def package(out):
                 z.writestr(info, text)
             for name in GRADER:
                 z.write(os.path.join(HERE, name), os.path.join("grading", name))
+            z.writestr(os.path.join("grading", "VERSION"), version() + "\n")
             for here, _, files in os.walk(code):
                 for name in files:
                     path = os.path.join(here, name)

@@ -1,16 +1,12 @@
 """Launch a script under mpirun from a test, the way mpi4py's own test suite does."""
-import contextlib
 import importlib.util
-import io
 import os
 import re
-import runpy
-import signal
-import subprocess
 import sys
-import traceback
 
-from bench.cluster import LAUNCHER_FLAKE
+from grading import launch as launcher
+
+TEST_ENV = launcher.ENV  # what every run gets in its environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,11 +19,7 @@ def mpirun(n, *args, timeout=120, env=None, mca=None, ft=False):
     `ft` adds `--with-ft ulfm`, MPI's fault tolerance, which --elastic needs.
     A hang becomes a test failure after `timeout` seconds instead of a stuck CI run.
     """
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", *["--with-ft", "ulfm"] * ft, "-n", str(n)]
-    for key, value in (mca or {}).items():
-        cmd += ["--mca", key, str(value)]
-    cmd += [sys.executable, *map(str, args)]
-    return run(cmd, timeout, env)
+    return run(launcher.mpirun_cmd(n, *args, mca=mca, ft=ft), timeout, env)
 
 
 def python(*args, timeout=120, env=None):
@@ -35,30 +27,13 @@ def python(*args, timeout=120, env=None):
     return run([sys.executable, *map(str, args)], timeout, env)
 
 
-# Open MPI's PyPI build probes for a libfabric network (its `ofi` transport) in MPI_Init, which
-# costs every rank about 1 s on a machine without one. Tests run on one machine, over shared
-# memory (or TCP where a test asks for it with --mca btl, which overrides this), so skip it.
-# A user's own OMPI_MCA_btl wins.
-TEST_ENV = {"PYTHONUNBUFFERED": "1", "OMPI_MCA_btl": os.environ.get("OMPI_MCA_btl", "^ofi")}
-
-
 def run(cmd, timeout, env, retry=True):
-    """Run cmd in its own process group, so that a timeout kills the ranks too, not just
-    mpirun: otherwise the ranks keep the output pipes open and the test waits for them."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **TEST_ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    """Run cmd from the repo root (grading/launch.py: its own process group, a launcher flake
+    retried once); a timeout fails the test, showing what the run printed."""
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"`{' '.join(cmd)}` did not finish in {timeout} s:\n{stdout}\n{stderr}") from None
-    # Open MPI's launcher now and then fails before any rank runs (a known PMIx flake, seen in
-    # other projects' CI too): that launch ran nothing, so it is run once more
-    if retry and proc.returncode != 0 and LAUNCHER_FLAKE in stderr and not stdout:
-        return run(cmd, timeout, env, retry=False)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        return launcher.launch(cmd, ROOT, timeout, env, retry)
+    except launcher.Timeout as e:
+        raise AssertionError(f"{e}:\n{e.stdout}\n{e.stderr}") from None
 
 
 def check(proc):
@@ -68,36 +43,11 @@ def check(proc):
 
 
 def in_process(script, *args, env=None):
-    """Run `python script *args` inside the test's own process and return what `python()`
-    would: exit status, stdout and stderr.
-
-    Every new process pays for importing torch and then torch._dynamo, which the first
-    torch.optim call pulls in; on a 2-core test machine that is most of a short run. The
-    tests pay it once this way. Only for code that runs on one rank (cent_sgd.py, or an
-    MPI script refusing its flags) and cannot hang or kill the process: there is no timeout
-    here. An uncaught exception becomes a traceback on stderr and exit status 1, as in python.
-    """
-    out, err = io.StringIO(), io.StringIO()
-    saved_argv, saved_env, saved_cwd = sys.argv, dict(os.environ), os.getcwd()
-    sys.argv = [script, *map(str, args)]
-    os.environ.update(env or {})
-    os.chdir(ROOT)
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(script, run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else int(e.code is not None)
-            except Exception:  # what python does with an uncaught exception
-                traceback.print_exc()
-                code = 1
-    finally:
-        sys.argv = saved_argv
-        os.environ.clear()
-        os.environ.update(saved_env)
-        os.chdir(saved_cwd)
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    """Run `python script *args` from the repo root inside the test's own process and return
+    what `python()` would (grading/launch.py's in_process): the tests pay for importing torch
+    once. Only for code that runs on one rank (cent_sgd.py, or an MPI script refusing its
+    flags) and cannot hang or kill the process."""
+    return launcher.in_process(script, *args, cwd=ROOT, env=env)
 
 
 def bench_module(name):

@@ -1,18 +1,14 @@
-"""The hand-written ring and tree all-reduces match MPI_Allreduce and their cost formulas.
+"""The Q7 bench. That the hand-written ring and tree all-reduces equal MPI_Allreduce, with the
+steps and bytes of their formulas, for N = 1..5 and awkward sizes, is the grader's check
+(grading/allreduce_check.py), which tests/test_grading.py runs on the solution.
 
-    pytest -q tests/test_allreduce.py
+    pytest -q -m slow tests/test_allreduce.py
 """
 import json
 
 import pytest
 
 from mpi import check, mpirun
-
-
-def test_allreduce_matches_mpi():
-    # One launch of 5 ranks checks groups of N = 1..5 ranks, each on sizes 1, N-1, N, N+1, 3001.
-    proc = check(mpirun(5, "-m", "mpi4py", "tests/allreduce_check.py", timeout=90))
-    assert all(f"allreduce OK: N={n} " in proc.stdout for n in range(1, 6)), proc.stdout
 
 
 @pytest.mark.slow

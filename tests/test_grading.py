@@ -2,19 +2,21 @@
 solution scores full marks, the handout zero with each failure naming its TODO, each seeded bug
 loses points on its own question and no other, and a hang costs one check's timeout.
 
-    pytest -q tests/test_grading.py             # the regions, the handout, its one-line stop, the zip
-    pytest -q -m slow tests/test_grading.py -s  # grading the solution, the handout, the mutants
+    pytest -q tests/test_grading.py             # every check on the solution; the regions, the handout, the zip
+    pytest -q -m slow tests/test_grading.py -s  # the zip as Gradescope runs it, the handout, the mutants, a hang
 """
 import ast
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import pytest
 
-from grading import checks, grade, handout, package
+from grading import checks, grade, handout, mutants, package
 from mpi import ROOT, mpirun
 
 POINTS = grade.load_points(os.path.join(ROOT, "grading", "points.toml"))
@@ -112,36 +114,90 @@ def test_the_package_holds_the_grader_and_the_handouts_code(tmp_path):
     package.package(str(out))
     with zipfile.ZipFile(out) as z:
         names = set(z.namelist())
-        assert {"setup.sh", "run_autograder", "grading/grade.py", "grading/points.toml",
-                "extensions/__init__.py", "requirements.txt", *handout.CODE} <= names
+        grader = {f"grading/{name}" for name in package.GRADER}
+        assert {"setup.sh", "run_autograder", *grader, "extensions/__init__.py",
+                "requirements.txt", *handout.CODE} <= names
         assert "raise NotImplementedError(" in z.read("fed_avg.py").decode()
-        assert "/autograder/results/results.json" in z.read("run_autograder").decode()
+        assert "results/results.json" in z.read("run_autograder").decode()
         assert z.getinfo("run_autograder").external_attr >> 16 & 0o111
+        # every module of grading/ that the grader imports is in the zip
+        imported = {a or b for path in grader if path.endswith(".py") for a, b in re.findall(
+            r"^from grading(?:\.(\w+))? import (\w+)", z.read(path).decode(), re.M)}
+        assert {f"grading/{name}.py" for name in imported} <= names
+
+
+def test_a_submission_without_the_files_gets_one_line_and_no_checks(tmp_path):
+    (tmp_path / "submission").mkdir()
+    (tmp_path / "submission" / "hw5.zip").write_bytes(b"")
+    result = grade.grade(str(tmp_path / "submission"), str(tmp_path / "results.json"), POINTS)
+    assert result["score"] == 0 and result["tests"] == []
+    assert result["output"].startswith("found none of cent_sgd.py") and "upload" in result["output"]
 
 
 # ----------------------------------------------------------------------------- grading
 
-def graded(folder, tmp_path, *flags):
-    """Grade `folder`; return {check name: (score, max_score, output)} and the results."""
-    results = tmp_path / "results.json"
-    only, timeout = (flags + (None, 600))[:2]
+def graded(folder, results, only=None, timeout=600):
+    """Grade `folder` into the file `results`; return {check name: (score, max_score, output)}
+    and the results."""
     result = grade.grade(str(folder), str(results), POINTS, only, timeout)
     assert json.loads(results.read_text()) == result
+    return by_check(result), result
+
+
+def by_check(result):
     return {t["name"].split(":")[0].split()[1]: (t["score"], t["max_score"], t["output"])
-            for t in result["tests"]}, result
+            for t in result["tests"]}
+
+
+def recorded(name):
+    """bench/autograder.py's record of grading `name` (solution, handout, mutant_...): grade.py's
+    results.json with its provenance."""
+    with open(os.path.join(ROOT, "results", "reference", "grading", f"{name}.json")) as f:
+        return json.load(f)
+
+
+def scores_of(result):
+    return {name: score for name, (score, _, _) in by_check(result).items()}
+
+
+@pytest.mark.parametrize("check", checks.CHECKS, ids=lambda c: c.name)
+def test_the_solution_passes_every_case_of(check, solution_runs):
+    """Full marks, check by check, on the runs the other tests share (tests/conftest.py):
+    grade.py's own scoring of the solution in this repo."""
+    test = grade.score(check, solution_runs, POINTS[check.name])
+    assert test["score"] == test["max_score"] and "FAIL" not in test["output"], test["output"]
 
 
 @pytest.mark.slow
-def test_the_solution_scores_full_marks(tmp_path):
-    scores, result = graded(ROOT, tmp_path)
-    assert set(scores) == set(QUESTIONS)
-    assert {name: s for name, (s, m, _) in scores.items() if s != m} == {}, result
-    assert result["score"] == 100
+def test_the_zip_gives_the_solution_full_marks_where_gradescope_runs_it(tmp_path):
+    """Gradescope's layout: the zip unpacked into autograder/source, its run_autograder copied to
+    autograder/ and run from there, the student's files in autograder/submission, the results
+    expected in autograder/results/results.json. The references come from the handout's code in
+    source/. (setup.sh's environment is this one: setup.sh needs the network.)"""
+    root = tmp_path / "autograder"
+    package.package(str(tmp_path / "autograder.zip"))
+    with zipfile.ZipFile(tmp_path / "autograder.zip") as z:
+        z.extractall(root / "source")
+        for info in z.infolist():  # extractall drops the modes that Gradescope keeps
+            os.chmod(root / "source" / info.filename, info.external_attr >> 16 or 0o644)
+    shutil.copy(root / "source" / "run_autograder", root)
+    (root / "submission").mkdir()
+    for name in handout.CODE:
+        shutil.copy(os.path.join(ROOT, name), root / "submission")
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+    proc = subprocess.run([str(root / "run_autograder")], env={**os.environ, "PATH": path},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((root / "results" / "results.json").read_text())
+    assert result["score"] == 100, proc.stdout
+    assert {t["name"].split(":")[0].split()[1] for t in result["tests"]} == set(QUESTIONS)
+    assert scores_of(result) == scores_of(recorded("solution")), "stale: python bench/autograder.py"
 
 
 @pytest.mark.slow
 def test_the_handout_scores_zero_and_each_failure_names_its_todo(handout_dir, tmp_path):
-    scores, result = graded(handout_dir, tmp_path)
+    scores, result = graded(handout_dir, tmp_path / "results.json")
+    assert scores_of(result) == scores_of(recorded("handout")), "stale: python bench/autograder.py"
     for name, (score, max_score, output) in scores.items():
         if not max_score:
             continue
@@ -150,73 +206,43 @@ def test_the_handout_scores_zero_and_each_failure_names_its_todo(handout_dir, tm
         assert named == {QUESTIONS[name]}, (name, output)
 
 
-# Seeded bugs, each a text substitution in one file of a copy of the solution, and the one
-# question it must cost points on.
-MUTANTS = {
-    "average without / N": ("Q2", "dist_sgd_serverless.py", [
-        ("    flat_grads.div_(comm.Get_size())\n", "    flat_grads.div_(1)\n")]),
-    "server sums, not averages": ("Q3", "dist_sgd_param_server.py", [
-        ("flat_grads.copy_(inbox.sum(dim=0)).div_(len(inbox))", "flat_grads.copy_(inbox.sum(dim=0))")]),
-    "server sends no weights back": ("Q3", "dist_sgd_param_server.py", [
-        ("requests = [comm.Isend(buf, dest=w, tag=PARAMETERS) for w in range(1, comm.Get_size())]",
-         "requests = []"),
-        ("    comm.Recv(buf, source=SERVER, tag=PARAMETERS)\n", "    pass\n")]),
-    "FedAvg's unweighted mean": ("Q4", "fed_avg.py", [
-        ("sums[:-1] += len(fed.shards[k]) * flat_params", "sums[:-1] += flat_params"),
-        ("sums[-1] += len(fed.shards[k])", "sums[-1] += 1")]),
-    "a sample on two clients": ("Q5", "fed_avg.py", [
-        ("                 for i in range(num_clients)]\n",
-         "                 for i in range(num_clients)]\n"
-         "        parts[0] = np.concatenate([parts[0], parts[1][:1]])\n")]),
-    "ring chunk off by one": ("Q7", "dist_sgd_serverless.py", [
-        ("send, recv = chunks[(rank - s) % n], chunks[(rank - s - 1) % n]",
-         "send, recv = chunks[(rank - s + 1) % n], chunks[(rank - s - 1) % n]")]),
-}
-HANG = ("    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)\n",
-        "    if comm.Get_rank() == 0 and comm.Get_size() > 1:  # waits for a message never sent\n"
-        "        comm.Recv(buf, source=1, tag=99)\n"
-        "    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)\n")
-
-
-def mutant(tmp_path, name, substitutions):
-    """A copy of the solution's code with `substitutions` made in file `name`."""
-    folder = tmp_path / "mutant"
-    folder.mkdir()
-    for f in handout.CODE:
-        shutil.copy(os.path.join(ROOT, f), folder)
-    text = (folder / name).read_text()
-    for old, new in substitutions:
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    (folder / name).write_text(text)
-    return folder
+def lost_by_question(scores):
+    """{question: points lost} of one grading, over the graded questions."""
+    lost = {q: 0.0 for q in sorted(GRADED)}
+    for check, (score, max_score, _) in scores.items():
+        if max_score:
+            lost[QUESTIONS[check]] += max_score - score
+    return lost
 
 
 @pytest.mark.slow
 def test_each_mutant_loses_points_on_its_own_question_and_no_other(tmp_path):
+    """grading/mutants.py's seeded bugs; and bench/autograder.py's records of them (which
+    docs/grading.md quotes) say what this code scores."""
     lost = {}
-    for i, (label, (question, name, substitutions)) in enumerate(MUTANTS.items()):
-        (tmp_path / str(i)).mkdir()
-        scores, _ = graded(mutant(tmp_path / str(i), name, substitutions), tmp_path / str(i))
-        lost[label] = {q: 0.0 for q in sorted(GRADED)}
-        for check, (score, max_score, _) in scores.items():
-            if max_score:
-                lost[label][QUESTIONS[check]] += max_score - score
+    for i, m in enumerate(mutants.MUTANTS):
+        scores, _ = graded(mutants.write(m, str(tmp_path / str(i))), tmp_path / f"{i}.json")
+        lost[m.label] = lost_by_question(scores)
     print("\npoints lost   " + "  ".join(f"{q:>5}" for q in sorted(GRADED)))
     for label, by_question in lost.items():
-        print(f"{label:<30}" + "  ".join(f"{v:5.1f}" for v in by_question.values()))
-    for label, (question, _, _) in MUTANTS.items():
-        assert lost[label][question] > 0, (label, lost[label])
-        assert all(v == 0 for q, v in lost[label].items() if q != question), (label, lost[label])
+        print(f"{label:<36}" + "  ".join(f"{v:5.1f}" for v in by_question.values()))
+    for m in mutants.MUTANTS:
+        assert lost[m.label][m.question] > 0, (m.label, lost[m.label])
+        assert all(v == 0 for q, v in lost[m.label].items() if q != m.question), (m.label, lost[m.label])
+    with open(os.path.join(ROOT, "results", "reference", "grading", "run.json")) as f:
+        names = [name for name in json.load(f)["gradings"] if name.startswith("mutant_")]
+    records = [recorded(name) for name in names]
+    assert {r["mutant"]["label"]: lost_by_question(by_check(r)) for r in records} == lost, \
+        "stale: python bench/autograder.py (after removing results/reference/grading/)"
 
 
 @pytest.mark.slow
 def test_a_hang_costs_only_the_checks_timeout(tmp_path):
     import time
-    folder = mutant(tmp_path, "dist_sgd_serverless.py", [HANG])
+    folder = mutants.write(mutants.HANG, str(tmp_path / "hang"))
     only = {"serverless_runs", "serverless_equals_centralized", "param_server_runs"}
     t0 = time.monotonic()
-    scores, _ = graded(folder, tmp_path, only, 20)
+    scores, _ = graded(folder, tmp_path / "results.json", only, 20)
     wall = time.monotonic() - t0
     assert scores["serverless_runs"][0] == 0 and "timed out" in scores["serverless_runs"][2]
     assert scores["serverless_equals_centralized"][0] == 0

@@ -29,7 +29,20 @@ def records(folder):
     seeds = os.path.join(fed, "seeds")  # bench/fed_sweep.py --seeds: <split>_<label>_seed<k>.json
     r["fed_seeds"] = {name[:-len(".json")]: load(os.path.join(seeds, name))
                       for name in sorted(os.listdir(seeds)) if name.endswith(".json")} if os.path.isdir(seeds) else {}
+    r["grading"] = gradings(os.path.join(folder, "grading"))
+    ubuntu = os.path.join(folder, "grading", "ubuntu-22.04")  # grading/try_zip.sh's results.json
+    r["grading_ubuntu"] = {name[:-len(".json")]: load(os.path.join(ubuntu, name)) for name in
+                           sorted(os.listdir(ubuntu)) if name.endswith(".json")} if os.path.isdir(ubuntu) else {}
     return r
+
+
+def gradings(folder):
+    """bench/autograder.py's records, {name: grade.py's results.json with its provenance}, in the
+    order of its summary (run.json, written when every grading is done); {} before that."""
+    summary = os.path.join(folder, "run.json")
+    if not os.path.exists(summary):
+        return {}
+    return {name: load(os.path.join(folder, f"{name}.json")) for name in load(summary)["gradings"]}
 
 
 def bench_records(raw, run=None):
