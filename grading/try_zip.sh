@@ -10,8 +10,9 @@
 # setup.sh there once, as Gradescope does when it builds the image; then, as for each
 # submission, copies run_autograder to /autograder and SUBMISSION_DIR's files to
 # /autograder/submission, runs it, and copies results.json to RESULTS_JSON (default:
-# ./results.json). TORCH_INDEX passes through to setup.sh. Mounts live in a mount namespace of
-# their own, and end with it.
+# ./results.json). Like Gradescope's, the environment inside starts empty, but for TORCH_INDEX,
+# which setup.sh reads, and PIP_CERT, a CA bundle for pip behind a proxy that signs its own
+# certificates. Mounts live in a mount namespace of their own, and end with it.
 set -euo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: $0 ZIP SUBMISSION_DIR [RESULTS_JSON]" >&2
@@ -26,22 +27,29 @@ if [ ! -d "$rootfs/usr" ]; then
         http://archive.ubuntu.com/ubuntu
 fi
 cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
+inside=(env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+        LANG=C.UTF-8 TORCH_INDEX="${TORCH_INDEX:-}")
+if [ -n "${PIP_CERT:-}" ]; then
+    cp "$PIP_CERT" "$rootfs/etc/hw5-pip-ca.crt"
+    inside+=(PIP_CERT=/etc/hw5-pip-ca.crt)
+fi
 rm -rf "$rootfs/autograder"
 mkdir -p "$rootfs/autograder/source" "$rootfs/autograder/submission"
 python3 -m zipfile -e "$zip" "$rootfs/autograder/source"
 chmod +x "$rootfs/autograder/source/setup.sh" "$rootfs/autograder/source/run_autograder"
 cp -r "$submission"/. "$rootfs/autograder/submission/"
 cp "$rootfs/autograder/source/run_autograder" "$rootfs/autograder/run_autograder"
-unshare --mount --propagation private bash -s "$rootfs" <<'INSIDE'
+unshare --mount --propagation private bash -s "$rootfs" "${inside[@]}" <<'INSIDE'
 set -euo pipefail
 rootfs=$1
+shift
 mount -t proc proc "$rootfs/proc"
 mount --rbind /sys "$rootfs/sys"
 mount --rbind /dev "$rootfs/dev"
 if [ ! -x "$rootfs/opt/hw5/bin/python" ]; then
-    chroot "$rootfs" env TORCH_INDEX="${TORCH_INDEX:-}" bash -c 'cd /autograder/source && ./setup.sh'
+    "$@" chroot "$rootfs" bash -c 'cd /autograder/source && ./setup.sh'
 fi
-chroot "$rootfs" /autograder/run_autograder
+"$@" chroot "$rootfs" /autograder/run_autograder
 INSIDE
 cp "$rootfs/autograder/results/results.json" "$out"
 echo "wrote $out"
