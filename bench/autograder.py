@@ -33,13 +33,13 @@ SUMMARY = os.path.join(FOLDER, "run.json")  # written when every grading is done
 
 def gradings():
     """[(record name, make(scratch) -> the folder to grade, what the record adds)], in order."""
-    out = [("solution", lambda scratch: ROOT, {}),
-           ("handout", write_handout, {})]
+    out = [("solution", lambda scratch: ROOT, {"graded": "this repo's scripts"}),
+           ("handout", write_handout, {"graded": "python grading/handout.py's scripts"})]
     for m in mutants.MUTANTS:
         about = {"label": m.label, "question": m.question, "file": m.file, "bug": m.bug}
         out.append((f"mutant_{slug(m.label)}",
                     lambda scratch, m=m: mutants.write(m, os.path.join(scratch, "mutant")),
-                    {"mutant": about}))
+                    {"graded": "a copy of this repo's scripts with the mutant", "mutant": about}))
     return out
 
 
@@ -78,7 +78,7 @@ def grade(name, folder, about, allow_contended):
                          f"not measurements: {'; '.join(others)}. Wait, or pass --allow-contended")
     path = os.path.join(FOLDER, f"{name}.json")
     provenance = dict(commit(), host=host(), load_before=os.getloadavg(), heavy_before=others,
-                      command=f"python grading/grade.py {name} --results "
+                      command=f"python grading/grade.py FOLDER --results "
                               f"{os.path.relpath(path, ROOT)}")
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, os.path.join("grading", "grade.py"), folder,

@@ -2,14 +2,14 @@
 
     mpirun -n 5 python -m mpi4py grading/allreduce_check.py [ring] [tree]
 
-Imports dist_sgd_serverless from the current folder (a submission's, for grading/grade.py; the
-repo's, for tests/test_allreduce.py). Checks every group size N = 1..5 in one launch (the first
-N ranks, split off COMM_WORLD, for each N in turn), and for each N the buffer sizes that stress
-the chunking (1, N-1, N, N+1, ~3000), against comm.Allreduce itself. Every rank prints its
+Imports dist_sgd_serverless from the current folder (a submission's: grading/checks.py runs it
+there, for grade.py and for tests/test_grading.py). Checks every group size N = 1..5 in one
+launch (the first N ranks, split off COMM_WORLD, for each N in turn), and for each N the buffer
+sizes that stress the chunking (1, N-1, N, N+1, ~3000), against comm.Allreduce itself. Every rank prints its
 failures; rank 0 prints "allreduce OK: N=..." for each N without any. Exits non-zero on any
-failure. The bytes are measured twice: as the function reports them, and on the wire (Wire: the
-messages it sends and receives), so that counts written by hand, or a "ring" that calls MPI's
-own all-reduce, fail.
+failure. The bytes count twice: as the function reports them, and as its messages put them on the
+wire (grading/wire.py), so that counts written by hand, or a "ring" that calls MPI's own
+all-reduce, fail.
 """
 import os
 import sys
@@ -19,67 +19,19 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grading import formulas  # noqa: E402
+from grading.wire import Meter  # noqa: E402
 
 sys.path.insert(0, os.getcwd())  # before the grader's folder: the submission's script
 from dist_sgd_serverless import ALLREDUCE  # noqa: E402
 
 
 EXPECTED = {"ring": formulas.ring, "tree": formulas.tree}
-# calls that communicate but are no message of a buffer: a collective (an "all-reduce" that calls
-# MPI's is no ring), or mpi4py's lowercase calls, which pickle
-OTHER = {"Allreduce", "Iallreduce", "Reduce", "Ireduce", "Bcast", "Ibcast", "Allgather",
-         "Allgatherv", "Reduce_scatter", "Reduce_scatter_block", "Gather", "Scatter", "Alltoall",
-         "Scan", "Exscan", "send", "recv", "sendrecv", "isend", "irecv", "bcast", "reduce",
-         "allreduce", "gather", "scatter", "allgather", "alltoall"}
-
-
-def nbytes(buf):
-    """The bytes of an mpi4py buffer argument: an array, or [array, ...] / (array, ...)."""
-    return getattr(buf[0] if isinstance(buf, (list, tuple)) else buf, "nbytes", 0)
-
-
-class Wire:
-    """`comm` as an all-reduce sees it, measuring what it puts on the wire: the bytes of its
-    buffer messages (Send, Recv, Sendrecv, Isend, Irecv; a Recv counts what arrived), and the
-    names of the other calls that communicate. Everything else goes to `comm` itself."""
-
-    def __init__(self, comm):
-        self.comm, self.sent, self.received, self.other = comm, 0, 0, set()
-
-    def __getattr__(self, name):
-        if name in OTHER:
-            self.other.add(name)
-        return getattr(self.comm, name)
-
-    def Send(self, buf, dest, tag=0):
-        self.sent += nbytes(buf)
-        return self.comm.Send(buf, dest, tag)
-
-    def Isend(self, buf, dest, tag=0):
-        self.sent += nbytes(buf)
-        return self.comm.Isend(buf, dest, tag)
-
-    def Recv(self, buf, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=None):
-        status = status or MPI.Status()
-        self.comm.Recv(buf, source, tag, status)
-        self.received += status.Get_count(MPI.BYTE)
-
-    def Irecv(self, buf, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG):
-        self.received += nbytes(buf)  # what fits: a request's count is known only at its Wait
-        return self.comm.Irecv(buf, source, tag)
-
-    def Sendrecv(self, sendbuf, dest, sendtag=0, recvbuf=None, source=MPI.ANY_SOURCE,
-                 recvtag=MPI.ANY_TAG, status=None):
-        status = status or MPI.Status()
-        self.comm.Sendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
-        self.sent += nbytes(sendbuf)
-        self.received += status.Get_count(MPI.BYTE)
 
 
 def check_one(name, x, reference, comm):
     """The failures of all-reduce `name` on buffer `x` (reference: its MPI_Allreduce sum)."""
     rank, n, p = comm.Get_rank(), comm.Get_size(), len(x)
-    buf, wire = x.copy(), Wire(comm)
+    buf, wire = x.copy(), Meter(comm)
     try:
         stats = ALLREDUCE[name](buf, wire)
     except NotImplementedError as e:  # a handout's TODO: the same on every rank, at the start
@@ -97,9 +49,10 @@ def check_one(name, x, reference, comm):
     if not np.array_equal(buf, root_buf):
         failures.append(f"{name} P={p}: result differs from rank 0's")
     steps, sent, received = EXPECTED[name](rank, n, p, x.itemsize)
-    if (wire.sent, wire.received) != (sent, received):
-        failures.append(f"{name} P={p}: its messages moved (sent, received) = "
-                        f"{(wire.sent, wire.received)} bytes, the formula says {(sent, received)}")
+    measured = (wire.sent, wire.received())
+    if measured != (sent, received):
+        failures.append(f"{name} P={p}: its messages moved (sent, received) = {measured} bytes, "
+                        f"the formula says {(sent, received)}")
     reported = (stats["steps"], stats["bytes_sent"], stats["bytes_recv"])
     if reported != (steps, sent, received):
         failures.append(f"{name} P={p}: it reports (steps, sent, recv) = {reported}, "

@@ -1,6 +1,7 @@
 """The graded checks of HW5: one source for grading/grade.py and the tests. tests/test_grading.py
-runs every check on the solution; tests/test_serverless.py and test_param_server.py measure with
-distance_to_centralized, tests/test_fed_avg.py with fedavg_reference, on the same Context.
+runs every check on the solution, on a Context that tests/test_serverless.py (through
+distance_to_centralized) and test_param_server.py share (tests/conftest.py);
+tests/test_fed_avg.py compares with fedavg_reference.
 
 Each check runs a submission's scripts (a folder laid out like the handout) under mpirun on the
 synthetic set, with a deadline: a hang or a crash fails that check, and grading goes on. A check
@@ -20,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grading import formulas  # noqa: E402
+from grading import formulas, wire  # noqa: E402
 from grading.launch import Timeout, in_process, launch, mpirun_cmd  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,15 +85,17 @@ class Context:
     def remaining(self):
         return self.deadline - time.monotonic()
 
-    def run(self, key, cmd, cwd):
+    def run(self, key, cmd, cwd, env=None):
         """The cached CompletedProcess of `cmd` (or the Timeout it raised), under the deadline."""
         if key not in self.cache:
+            if self.remaining() <= 0:  # not run: a later check, with time of its own, may run it
+                raise Timeout("no time left for this run in the check's deadline")
             try:
-                if self.remaining() <= 0:
-                    raise Timeout("no time left for this check")
-                self.cache[key] = launch(cmd, cwd, self.remaining())
+                self.cache[key] = launch(cmd, cwd, self.remaining(), env)
             except Timeout as e:
-                self.cache[key] = e
+                last = [line for line in (e.stderr + e.stdout).splitlines() if line.strip()][-3:]
+                self.cache[key] = Timeout(f"{e}" + (f"; its last lines: {' | '.join(last)}"
+                                                    if last else ", having printed nothing"))
         if isinstance(self.cache[key], Timeout):
             raise self.cache[key]
         return self.cache[key]
@@ -111,8 +114,17 @@ class Context:
         extra = ["--results", f"{out}/results.json", "--save-model", f"{out}/model.pt"]
         if script == "fed_avg.py":
             extra += ["--figures-dir", out]
-        proc = self.run(key, mpirun_cmd(n, script, *flags, *extra, mca=mca), self.folder)
+        # the handout's extensions/ stub meters the bytes each rank sends (grading/wire.py)
+        proc = self.run(key, mpirun_cmd(n, script, *flags, *extra, mca=mca), self.folder,
+                        {"HW5_WIRE": os.path.join(out, "wire")})
         return proc, out
+
+    def wire(self, n, script, *flags):
+        """[{bytes_sent, bytes_recv}] per rank that a finished run's messages put on the wire."""
+        measured = wire.read_script(os.path.join(self.script(n, script, *flags)[1], "wire"), n)
+        if measured is None:
+            raise Failed("no rank's byte count: extensions/ is not the handout's stub")
+        return measured
 
     def trained(self, n, script, *flags, mca=None):
         """(final weights, results) of a run of the submission's script; Failed if it failed."""
@@ -183,7 +195,7 @@ def equals_centralized(ctx, script, shares, common=()):
     """(passed, line): the script's final weights equal centralized SGD's on the global batch."""
     try:
         diff, _, _ = distance_to_centralized(ctx, script, shares, common)
-    except Failed as e:
+    except (Failed, Timeout) as e:
         return False, f"N={shares}: {e}"
     return diff < ATOL, f"N={shares}: largest difference to centralized SGD {diff:.2g} (< {ATOL:g})"
 
@@ -211,25 +223,27 @@ def param_server_equals_centralized(ctx):
     return [equals_centralized(ctx, "dist_sgd_param_server.py", w, flags) for w, flags in PS_CASES]
 
 
-def bytes_case(label, measured, expected):
-    ok = measured == expected
-    return ok, f"{label}bytes per rank {'match' if ok else 'differ from'} the formula" + (
-        "" if ok else f": {measured} != {expected}")
+def bytes_cases(label, ctx, run, formula, on_wire=True):
+    """The bytes per rank that the run reports in its results against Q6's formula(results),
+    and with `on_wire` those its messages put on the wire too: two cases, or one."""
+    try:
+        _, r = ctx.trained(*run)
+        measured = [("on the wire", ctx.wire(*run))] if on_wire else []
+    except (Failed, Timeout) as e:
+        return [(False, f"{label}{e}")] * (1 + on_wire)
+    expected = formula(r)
+    return [(got == expected, f"{label}bytes per rank {what} "
+             + ("match the formula" if got == expected else f"{got}, the formula says {expected}"))
+            for what, got in [*measured, ("as it reports them", r["bytes_per_rank"])]]
 
 
 @check("param_server_bytes", "Q3", 120,
-       "the bytes of Q6: per step each worker sends and receives 4P, the server 4PW each way")
+       "the bytes of Q6, on the wire and as reported: per step each worker sends and receives "
+       "4P, the server 4PW each way")
 def param_server_bytes(ctx):
-    cases = []
-    for w, flags in PS_CASES:
-        try:
-            _, r = ctx.trained(w + 1, "dist_sgd_param_server.py", *QUICK, "--batch-size", B, *flags)
-        except Failed as e:
-            cases.append((False, f"N={w}: {e}"))
-            continue
-        cases.append(bytes_case(f"N={w}: ", r["bytes_per_rank"],
-                                formulas.param_server(r["params"], r["steps"], w)))
-    return cases
+    return [case for w, flags in PS_CASES for case in bytes_cases(
+        f"N={w}: ", ctx, (w + 1, "dist_sgd_param_server.py", *QUICK, "--batch-size", B, *flags),
+        lambda r, w=w: formulas.param_server(r["params"], r["steps"], w))]
 
 
 FED = ["--dataset", "synthetic", "--warmup", 0, "--batch-size", B, "--momentum", 0,
@@ -262,14 +276,12 @@ def fedsgd_weighted(ctx):
 
 
 @check("fed_avg_bytes", "Q4", 120,
-       "the bytes of Q6: per round, P floats down to each client rank and P + 1 back")
+       "the bytes of Q6, as reported: per round, P floats down to each client rank and P + 1 back")
 def fed_avg_bytes(ctx):
-    try:
-        _, r = ctx.trained(3, "fed_avg.py", *FEDSGD)
-    except Failed as e:
-        return [(False, str(e))]
-    return [bytes_case("", r["bytes_per_rank"],
-                       formulas.fed_avg(r["params"], len(r["history"]), 2))]
+    # as reported: the messages are the given code's (send_global_model_, reduce_weighted_sums_),
+    # beside which round_table sends each round's statistics, which Q6 leaves out
+    return bytes_cases("", ctx, (3, "fed_avg.py", *FEDSGD),
+                       lambda r: formulas.fed_avg(r["params"], len(r["history"]), 2), on_wire=False)
 
 
 @check("fed_avg_noniid_runs", "Q5", 120,

@@ -8,8 +8,8 @@ results.json, print a table.
 SUBMISSION_DIR holds the students' files, the four scripts and utils.py (anywhere below it: the
 first folder that holds one of them is taken). They are graded in a scratch copy of the support
 folder (--support; default: the folder above grading/, which in the autograder holds the
-handout, and in the repo the solution), so that a file the submission lacks comes from there, as
-does extensions/ (the handout's stub). Each check has a deadline (its timeout in checks.py, at
+handout; in the repo, the handout is written from the solution first), so that a file the
+submission lacks comes from there, as does extensions/ (the handout's stub). Each check has a deadline (its timeout in checks.py, at
 most --timeout): a hang or a crash scores 0 on that check and grading goes on.
 """
 import argparse
@@ -24,7 +24,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from grading import checks  # noqa: E402
+from grading import checks, handout  # noqa: E402
 from grading.handout import CODE  # noqa: E402
 
 
@@ -71,9 +71,16 @@ def find_submission(folder):
     return None
 
 
-def prepare(submission, support, work):
-    """`work` = the support's code and extensions/, then the submission's files over them.
-    Returns the names taken from the submission."""
+def workspace(submission, support, scratch):
+    """scratch/submission: the support's code and its extensions/ stub, then the submission's
+    files over them. When `support` holds the real extensions/ (this repo), the handout's code is
+    written into scratch/support first, so that a submission is graded with the stub it was
+    given. Returns (that folder, the names taken from the submission)."""
+    if not handout.is_stub(support):
+        support = os.path.join(scratch, "support")
+        handout.write_code(support)
+    work = os.path.join(scratch, "submission")
+    os.makedirs(work)
     for name in CODE:
         shutil.copy(os.path.join(support, name), work)
     shutil.copytree(os.path.join(support, "extensions"), os.path.join(work, "extensions"),
@@ -82,7 +89,7 @@ def prepare(submission, support, work):
     taken = [name for name in CODE if found and os.path.isfile(os.path.join(found, name))]
     for name in taken:
         shutil.copy(os.path.join(found, name), work)
-    return taken
+    return work, taken
 
 
 def run_check(check, ctx, timeout):
@@ -114,9 +121,7 @@ def grade(submission, results_path, points, only=None, timeout=600, support=None
     """Grade `submission`; write results.json to `results_path`; return the results dict."""
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hw5-grade-") as scratch:
-        work = os.path.join(scratch, "submission")
-        os.makedirs(work)
-        taken = prepare(submission, support or checks.ROOT, work)
+        work, taken = workspace(submission, support or checks.ROOT, scratch)
         ctx = checks.Context(work, scratch)
         tests = [score(check, ctx, points[check.name], timeout) for check in checks.CHECKS
                  if taken and (not only or check.name in only)]

@@ -92,7 +92,14 @@ extensions.configure, and read the features' flags (args.compress, args.mode, ar
 This stub, written by grading/handout.py, keeps the three calls and gives each of those flags its
 default (DEFAULTS, read from the real parser), without showing or accepting the flags: at the
 defaults the features change nothing, so the scripts compute exactly the assignment's code.
+
+One more thing: when the grader runs a script it sets HW5_WIRE, and configure then hands the
+script a communicator that counts the bytes each rank sends (extensions/wire.py), to compare
+with Q6's formulas. Nothing else changes, and without HW5_WIRE nothing at all.
 """
+import os
+
+HANDOUT_STUB = True  # grading/grade.py grades with this stub, not with the real extensions/
 DEFAULTS = {defaults}
 
 
@@ -105,6 +112,9 @@ def check(args, world_size, script):
 
 
 def configure(args, script, parts, replica, plan, data=None):
+    if os.environ.get("HW5_WIRE"):
+        from extensions import wire
+        parts.comm = wire.meter_script(parts.comm, os.environ["HW5_WIRE"])
     return parts
 '''
 
@@ -132,10 +142,22 @@ def start(*args):
 '''
 
 
+def is_stub(folder):
+    """Whether folder/extensions is the handout's stub (what the grader grades with)."""
+    path = os.path.join(folder, "extensions", "__init__.py")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return "HANDOUT_STUB = True" in f.read()
+
+
 def stub_files():
     """{relative path: text} of the extensions/ stub."""
     defaults = pprint.pformat(extension_defaults(), width=96, sort_dicts=False)
+    with open(os.path.join(ROOT, "grading", "wire.py")) as f:
+        wire = f.read()
     return {os.path.join("extensions", "__init__.py"): STUB_INIT.replace("{defaults}", defaults),
+            os.path.join("extensions", "wire.py"): wire,
             os.path.join("extensions", "compression.py"): STUB_COMPRESSION,
             os.path.join("extensions", "timeline.py"): STUB_TIMELINE}
 

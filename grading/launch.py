@@ -13,11 +13,12 @@ import runpy
 import signal
 import subprocess
 import sys
+import time
 import traceback
 
 # Open MPI's launcher now and then fails before any rank runs (a known PMIx flake, seen in other
-# projects' CI too; bench/cluster.py meets it on the emulated hosts): that launch ran nothing, so
-# it is run once more
+# projects' CI too; bench/cluster.py meets it on the emulated hosts too): that launch ran nothing,
+# so it is run once more
 LAUNCHER_FLAKE = "The PMIx server's listener thread failed to start"
 # Open MPI's PyPI build probes for a libfabric network (its `ofi` transport) in MPI_Init, which
 # costs every rank about 1 s on a machine without one. These runs stay on one machine, over
@@ -55,7 +56,7 @@ def shown(cmd):
 def launch(cmd, cwd, timeout, env=None, retry=True):
     """Run `cmd` in `cwd` in its own process group and return the CompletedProcess; after
     `timeout` seconds kill the group and raise Timeout."""
-    cmd = list(map(str, cmd))
+    cmd, started = list(map(str, cmd)), time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **ENV, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -66,7 +67,7 @@ def launch(cmd, cwd, timeout, env=None, retry=True):
         stdout, stderr = proc.communicate()
         raise Timeout(f"`{shown(cmd)}` timed out after {timeout:.0f} s", stdout, stderr) from None
     if retry and proc.returncode != 0 and LAUNCHER_FLAKE in stderr and not stdout:
-        return launch(cmd, cwd, timeout, env, retry=False)
+        return launch(cmd, cwd, timeout - (time.monotonic() - started), env, retry=False)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 

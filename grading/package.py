@@ -51,7 +51,7 @@ python grading/grade.py "$autograder/submission" --results "$autograder/results/
 """
 
 GRADER = ("__init__.py", "checks.py", "grade.py", "handout.py", "allreduce_check.py", "launch.py",
-          "formulas.py", "points.toml")
+          "formulas.py", "wire.py", "points.toml")
 
 
 def version():
@@ -59,7 +59,8 @@ def version():
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout
     head = git("rev-parse", "--short=10", "HEAD").strip() or "no git"
-    return head + (" with uncommitted changes" if git("status", "--porcelain") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return head + (" with uncommitted changes" if dirty else "")
 
 
 def package(out):

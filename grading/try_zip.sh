@@ -7,7 +7,8 @@
 # It needs root, debootstrap and the network. It builds Ubuntu 22.04's minimal root file system
 # with debootstrap (kept in $HW5_ROOTFS, default /tmp/hw5-ubuntu-22.04, so that the next try
 # reuses it; delete it to start over), unpacks the zip into its /autograder/source and runs
-# setup.sh there once, as Gradescope does when it builds the image; then, as for each
+# setup.sh there, as Gradescope does when it builds the image (again only when setup.sh or
+# requirements.txt differ from the last try's); then, as for each
 # submission, copies run_autograder to /autograder and SUBMISSION_DIR's files to
 # /autograder/submission, runs it, and copies results.json to RESULTS_JSON (default:
 # ./results.json). Like Gradescope's, the environment inside starts empty, but for TORCH_INDEX,
@@ -46,8 +47,12 @@ shift
 mount -t proc proc "$rootfs/proc"
 mount --rbind /sys "$rootfs/sys"
 mount --rbind /dev "$rootfs/dev"
-if [ ! -x "$rootfs/opt/hw5/bin/python" ]; then
+# setup.sh once per setup.sh and requirements.txt, as Gradescope builds an image once per zip
+stamp=$(cat "$rootfs/autograder/source/setup.sh" "$rootfs/autograder/source/requirements.txt" | sha256sum)
+if [ "$(cat "$rootfs/opt/hw5/.setup" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$rootfs/opt/hw5"
     "$@" chroot "$rootfs" bash -c 'cd /autograder/source && ./setup.sh'
+    echo "$stamp" > "$rootfs/opt/hw5/.setup"
 fi
 "$@" chroot "$rootfs" /autograder/run_autograder
 INSIDE

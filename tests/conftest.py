@@ -1,15 +1,18 @@
 """Fixtures that several test files share."""
 import pytest
 
-from grading import checks
+from grading import checks, grade
 from mpi import ROOT
 
 
 @pytest.fixture(scope="session")
 def solution_runs(tmp_path_factory):
-    """The grader's Context on this repo's own scripts, the solution: a run (or a centralized
+    """The grader's Context on the solution, set up as grade.py sets up a submission (the
+    handout's code and extensions/ stub, this repo's scripts over them): a run (or a centralized
     reference) that the grader's checks and the tests both need is made once per session."""
-    return checks.Context(ROOT, str(tmp_path_factory.mktemp("solution")))
+    scratch = str(tmp_path_factory.mktemp("solution"))
+    work, _ = grade.workspace(ROOT, ROOT, scratch)
+    return checks.Context(work, scratch)
 
 
 @pytest.fixture

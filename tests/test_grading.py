@@ -121,9 +121,14 @@ def test_the_package_holds_the_grader_and_the_handouts_code(tmp_path):
         assert "results/results.json" in z.read("run_autograder").decode()
         assert z.getinfo("run_autograder").external_attr >> 16 & 0o111
         # every module of grading/ that the grader imports is in the zip
-        imported = {a or b for path in grader if path.endswith(".py") for a, b in re.findall(
-            r"^from grading(?:\.(\w+))? import (\w+)", z.read(path).decode(), re.M)}
-        assert {f"grading/{name}.py" for name in imported} <= names
+        imported = set()
+        for node in (n for path in grader if path.endswith(".py")
+                     for n in ast.walk(ast.parse(z.read(path).decode()))):
+            if isinstance(node, ast.ImportFrom) and node.module == "grading":
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("grading."):
+                imported.add(node.module.split(".")[1])
+        assert {f"grading/{name}.py" for name in imported} <= names, imported
 
 
 def test_a_submission_without_the_files_gets_one_line_and_no_checks(tmp_path):

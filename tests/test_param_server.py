@@ -2,8 +2,9 @@
 memory and over TCP. Faults, resume and bad input: tests/test_reliability.py.
 
 That it equals centralized SGD (2 workers, and 4 with Nesterov momentum kept on the server
-alone) and moves the bytes of Q6 are the grader's checks (grading/checks.py), which
-tests/test_grading.py runs on the solution; the tests here share their runs (tests/conftest.py).
+alone) and moves the bytes of Q6, on the wire and as it counts them, are the grader's checks
+(grading/checks.py), which tests/test_grading.py runs on the solution; the tests here reuse their
+runs and references (tests/conftest.py).
 
     pytest -q tests/test_param_server.py
 """
@@ -14,21 +15,21 @@ from grading import checks
 
 SCRIPT = "dist_sgd_param_server.py"
 WORKERS = 2
+FLAGS = (*checks.QUICK, "--batch-size", checks.B)  # the grader's first case: plain SGD, 2 workers
 
 
 def test_another_seed_is_not_close(solution):
     """Negative control: the grader's comparison can fail. Another seed (other initial weights
     and data order) ends far outside its tolerance."""
-    server, _ = solution.trained(WORKERS + 1, SCRIPT, *checks.QUICK, "--batch-size", checks.B)
+    server, _ = solution.trained(WORKERS + 1, SCRIPT, *FLAGS)
     other_seed = solution.centralized(WORKERS * checks.B, "--seed", 1)
     assert (server - other_seed).abs().max() > 100 * checks.ATOL
 
 
 @pytest.mark.slow  # the default tier has each of the two equal to centralized SGD (the grader's)
 def test_param_server_equals_serverless(solution):
-    flags = (*checks.QUICK, "--batch-size", checks.B)
-    server, _ = solution.trained(WORKERS + 1, SCRIPT, *flags)
-    serverless, _ = solution.trained(WORKERS, "dist_sgd_serverless.py", *flags)
+    server, _ = solution.trained(WORKERS + 1, SCRIPT, *FLAGS)
+    serverless, _ = solution.trained(WORKERS, "dist_sgd_serverless.py", *FLAGS)
     assert (server - serverless).abs().max() < checks.ATOL
 
 
@@ -37,7 +38,6 @@ def test_tcp_gives_the_same_bits_as_shared_memory(solution):
     """With Open MPI's shared-memory transport off (--mca btl tcp,self), the ranks talk over
     loopback TCP as they would across machines. The server adds the workers' gradients in
     rank order whatever order they arrive in, so the result is the same to the bit."""
-    flags = (*checks.QUICK, "--batch-size", checks.B)
-    shared_memory, _ = solution.trained(WORKERS + 1, SCRIPT, *flags)
-    tcp, _ = solution.trained(WORKERS + 1, SCRIPT, *flags, mca={"btl": "tcp,self"})
+    shared_memory, _ = solution.trained(WORKERS + 1, SCRIPT, *FLAGS)
+    tcp, _ = solution.trained(WORKERS + 1, SCRIPT, *FLAGS, mca={"btl": "tcp,self"})
     assert torch.equal(tcp, shared_memory)

@@ -46,28 +46,27 @@ def mutant_table(g):
 
 
 def wall_time(g):
-    """How long grading the solution, the handout and the mutants took, on which host, and which
-    of the solution's checks take longest."""
+    """How long grading the solution, the handout and the mutants took, on which host, with how
+    much memory, and which of the solution's checks take longest."""
     solution, handout = g["solution"], g["handout"]
-    mutants = [r["provenance"]["seconds"] for r in g.values() if "mutant" in r]
-    slowest = sorted(checks(solution).items(), key=lambda item: -(item[1][3] or 0))[:3]
-    records = list(g.values())
-    contended = any(r["provenance"]["contended"] for r in records)
+    records, mutants = list(g.values()), [r["provenance"]["seconds"] for r in g.values() if "mutant" in r]
     commits = sorted({r["provenance"]["commit"][:10] + (" with uncommitted changes" if r["provenance"]["dirty"]
                                                         else "") for r in records})
-    return (f"Grading the solution took **{solution['provenance']['seconds']:.0f} s** of wall time "
-            f"({solution['score']:g} points), the handout {handout['provenance']['seconds']:.0f} s "
-            f"({handout['score']:g} points" + (": every graded check fails at its TODO" if not handout["score"]
-                                               else "") + "), and each seeded bug "
-            f"{min(mutants):.0f}–{max(mutants):.0f} s: one `python grading/grade.py` each, measured whole by "
-            f"`python bench/autograder.py` at commit {', '.join(commits)} on {host_of(records)}"
-            + ("; other heavy processes shared the machine, so these times are not this host's (contended)."
-               if contended else ", with the machine to itself.")
-            + f" Grading the solution, its processes held at most {solution['provenance']['peak_pss_mb']:,} MB "
-            "together (their proportional set size, sampled every 0.5 s). A check's 2 to 5 ranks share the "
-            "host's cores, so a host with more cores grades faster. The "
-            "solution's longest checks: " + ", ".join(f"`{name}` {s} s" for name, (_, _, _, s) in slowest)
-            + ". The records are in [`results/reference/grading/`](../results/reference/grading/).")
+    slowest = sorted(checks(solution).items(), key=lambda item: -(item[1][3] or 0))[:3]
+    handout_note = ": every graded check fails at its TODO" if not handout["score"] else ""
+    return " ".join([
+        f"Grading the solution took **{solution['provenance']['seconds']:.0f} s** of wall time "
+        f"({solution['score']:g} points), the handout {handout['provenance']['seconds']:.0f} s "
+        f"({handout['score']:g} points{handout_note}), and each seeded bug "
+        f"{min(mutants):.0f}–{max(mutants):.0f} s: one `python grading/grade.py` each, measured whole by "
+        f"`python bench/autograder.py` at commit {', '.join(commits)} on {host_of(records)}"
+        + ("; other heavy processes shared the machine, so these times are not this host's (contended)."
+           if any(r["provenance"]["contended"] for r in records) else ", with the machine to itself."),
+        f"Grading the solution, its processes held at most {solution['provenance']['peak_pss_mb']:,} MB "
+        "together (their proportional set size, sampled every 0.5 s).",
+        "A check's 2 to 5 ranks share the host's cores, so a host with more cores grades faster.",
+        "The solution's longest checks: " + ", ".join(f"`{name}` {s} s" for name, (_, _, _, s) in slowest) + ".",
+        "The records are in [`results/reference/grading/`](../results/reference/grading/)."])
 
 
 def ubuntu_try(tried):
