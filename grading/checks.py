@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grading import formulas, wire  # noqa: E402
+from grading.handout import CODE  # noqa: E402
 from grading.launch import Timeout, in_process, launch, mpirun_cmd  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,6 +33,8 @@ B = 16  # per-rank (per-worker) batch of the equivalence checks
 # float32 sums in another order differ by ~1e-7 relative; a wrong sample or scale by far more
 ATOL = 2e-5
 TODO = re.compile(r"not implemented yet: (Q\d+: .*)")
+RAISED = re.compile(r"^([\w.]*(?:Error|Exception|Interrupt)\b.*)$", re.M)  # a traceback's last line
+FRAME = re.compile(r'File "(?:[^"]*/)?([^"/]+)", line (\d+), in (\w+)')  # its frames
 
 
 @dataclasses.dataclass
@@ -60,11 +63,20 @@ class Failed(Exception):
 # ----- running a submission -----
 
 def failure(proc):
-    """One line on why a run failed: the TODO it stopped at, else the last lines it wrote."""
+    """One line on why a run failed: the TODO it stopped at; else the exception it raised, and
+    where in the student's files; else the script's own `error:` line; else its last lines."""
     text = proc.stderr + proc.stdout
     todo = TODO.search(text)
     if todo:
         return f"stopped at the TODO {todo.group(1)}"
+    raised = RAISED.search(text)
+    if raised:
+        frames = [m for m in FRAME.finditer(text, 0, raised.start()) if m[1] in CODE]
+        where = f" (in {frames[-1][3]}, {frames[-1][1]} line {frames[-1][2]})" if frames else ""
+        return f"exit {proc.returncode}: {raised[1]}{where}"[:600]
+    said = re.search(r"^error: .*$", text, re.M)
+    if said:
+        return f"exit {proc.returncode}: {said[0]}"[:600]
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("--")]
     return f"exit {proc.returncode}: " + " | ".join(lines[-6:])[-600:]
 

@@ -71,12 +71,14 @@ def wall_time(g):
 
 def ubuntu_try(tried):
     """What grading/try_zip.sh's runs in a fresh Ubuntu 22.04 gave: the environment setup.sh
-    built, and each submission's score."""
+    built (grade.py's second line of output), and each submission's score."""
     if not tried:
         return "It has not been tried here yet."
-    environment = next(iter(tried.values()))["output"].splitlines()[-1].strip("()").removeprefix("on ")
-    scores = ", ".join(f"the {name} {r['score']:g} points" for name, r in tried.items())
-    return (f"Tried here (Linux, x86-64): setup.sh built {environment}, "
-            f"and run_autograder gave {scores}. Their results.json are in "
+    line = next(iter(tried.values()))["output"].splitlines()[-1].strip("()").removeprefix("on ")
+    built, _, zip_of = line.partition("; the autograder of ")
+    scores = " and ".join(f"the {name} {r['score']:g} points"
+                          for name, r in sorted(tried.items(), key=lambda item: -item[1]["score"]))
+    return (f"Tried here, on Linux x86-64" + (f", with the zip of {zip_of}" if zip_of else "")
+            + f": setup.sh built {built}, and run_autograder gave {scores}. Their results.json are in "
             "[`results/reference/grading/ubuntu-22.04/`](../results/reference/grading/ubuntu-22.04/). "
             "Not tried on Gradescope's own servers.")
