@@ -63,7 +63,8 @@ def wall_time(g):
         + ("; other heavy processes shared the machine, so these times are not this host's (contended)."
            if any(r["provenance"]["contended"] for r in records) else ", with the machine to itself."),
         f"Grading the solution, its processes held at most {solution['provenance']['peak_pss_mb']:,} MB "
-        "together (their proportional set size, sampled every 0.5 s).",
+        f"together, and at most {max(r['provenance']['peak_pss_mb'] for r in records):,} MB in any of these "
+        "gradings (their proportional set size, sampled every 0.5 s).",
         "A check's 2 to 5 ranks share the host's cores, so a host with more cores grades faster.",
         "The solution's longest checks: " + ", ".join(f"`{name}` {s} s" for name, (_, _, _, s) in slowest) + ".",
         "The records are in [`results/reference/grading/`](../results/reference/grading/)."])
