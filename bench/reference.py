@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import fingerprint  # noqa: E402  (bench/ is on sys.path)
+from grading import package  # noqa: E402
 import utils  # noqa: E402
 from run import MPIRUN  # noqa: E402
 
@@ -114,10 +115,7 @@ def heavy_processes(seconds=1.0):
 
 
 def commit():
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": dirty}
+    return package.commit(ROOT)
 
 
 # ----- the jobs -----

@@ -104,6 +104,12 @@ def run_check(check, ctx, timeout):
     return cases or [(False, "no cases ran")]
 
 
+def heading(test):
+    """(question, check name) of one of score()'s entries, from its name "Qk check: what"."""
+    question, name = test["name"].split(":")[0].split()
+    return question, name
+
+
 def score(check, ctx, points, timeout=600):
     """Gradescope's entry for one check: its points times the fraction of its cases that pass,
     and a line per case."""
@@ -157,9 +163,9 @@ def environment():
 
 def print_table(result):
     print(result["output"])
-    width = max([len(t["name"].split(":")[0]) for t in result["tests"]] + [5])
+    width = max([len(" ".join(heading(t))) for t in result["tests"]] + [5])
     for t in result["tests"]:
-        print(f"{t['name'].split(':')[0]:<{width}}  {t['score']:6.2f} / {t['max_score']:<3}")
+        print(f"{' '.join(heading(t)):<{width}}  {t['score']:6.2f} / {t['max_score']:<3}")
         for line in t["output"].splitlines():
             if line.startswith("FAIL"):
                 print(f"{'':<{width}}    {line}")

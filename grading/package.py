@@ -54,13 +54,20 @@ GRADER = ("__init__.py", "checks.py", "grade.py", "handout.py", "allreduce_check
           "formulas.py", "wire.py", "points.toml")
 
 
+def commit(folder=HERE):
+    """{"commit": HEAD's hash or None, "dirty": whether tracked files have changed} of the git
+    checkout that holds `folder` (bench/reference.py stamps its records with it too)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def version():
     """The commit this zip is made from, for the results' first lines (grade.environment)."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout
-    head = git("rev-parse", "--short=10", "HEAD").strip() or "no git"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return head + (" with uncommitted changes" if dirty else "")
+    made = commit()
+    return ((made["commit"] or "no git")[:10]
+            + (" with uncommitted changes" if made["dirty"] else ""))
 
 
 def package(out):

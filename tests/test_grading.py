@@ -150,7 +150,7 @@ def graded(folder, results, only=None, timeout=600):
 
 
 def by_check(result):
-    return {t["name"].split(":")[0].split()[1]: (t["score"], t["max_score"], t["output"])
+    return {grade.heading(t)[1]: (t["score"], t["max_score"], t["output"])
             for t in result["tests"]}
 
 
@@ -195,7 +195,7 @@ def test_the_zip_gives_the_solution_full_marks_where_gradescope_runs_it(tmp_path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((root / "results" / "results.json").read_text())
     assert result["score"] == 100, proc.stdout
-    assert {t["name"].split(":")[0].split()[1] for t in result["tests"]} == set(QUESTIONS)
+    assert {grade.heading(t)[1] for t in result["tests"]} == set(QUESTIONS)
     assert scores_of(result) == scores_of(recorded("solution")), "stale: python bench/autograder.py"
 
 
